@@ -1,0 +1,56 @@
+"""`attention`: choose the decoder's attention implementation.
+
+`eager` and `sdpa` run everywhere. `flash` needs CUDA: it uses the flash-attn package
+(`flash_attention_2`) when installed, else PyTorch SDPA restricted to its flash kernel. The outcome
+records which kernel actually ran."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from vlopt.errors import VloptError
+from vlopt.passes import PassConfig, PassOutcome
+
+
+class Config(PassConfig):
+    type: Literal["attention"] = "attention"
+    implementation: Literal["eager", "sdpa", "flash"] = "sdpa"
+    lossless: ClassVar[bool] = True   # same math; differences are rounding only
+
+
+def apply(vlm, cfg: Config, ctx) -> PassOutcome:
+    import importlib.util
+
+    impl, kernel = cfg.implementation, cfg.implementation
+    if impl == "flash":
+        if vlm.device.type != "cuda":
+            raise VloptError("attention implementation 'flash' needs a CUDA GPU; on CPU use 'sdpa' or 'eager'")
+        if importlib.util.find_spec("flash_attn") is not None:
+            impl, kernel = "flash_attention_2", "flash_attention_2 (flash-attn package)"
+        else:
+            impl, kernel = "sdpa", "sdpa restricted to the flash kernel (flash-attn not installed)"
+            _force_sdpa_flash(vlm)
+    vlm.text_model.config._attn_implementation = impl
+    return PassOutcome(touched=[f"{vlm.decoder_prefix}.layers.*.self_attn"], skipped=list(vlm.vision_modules),
+                       info={"implementation": impl, "kernel": kernel}, saved_as="sidecar",
+                       notes=[f"decoder attention: {kernel}"])
+
+
+def _force_sdpa_flash(vlm) -> None:
+    """Wrap the engine so every stage-4 call runs inside `sdpa_kernel(FLASH_ATTENTION)`."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    inner = vlm.engine
+
+    class FlashOnly:
+        name = getattr(inner, "name", "engine") + "+sdpa_flash"
+
+        def generate(self, vlm, inp, **kw):
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return inner.generate(vlm, inp, **kw)
+
+        def score(self, vlm, inp, tokens):
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return inner.score(vlm, inp, tokens)
+
+    vlm.engine = FlashOnly()

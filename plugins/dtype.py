@@ -1,0 +1,26 @@
+"""`dtype`: cast the decoder (stage 4: embeddings, layers, final norm, lm_head) to another dtype.
+The vision side keeps its own; its features are cast at the splice."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from vlopt.passes import PassConfig, PassOutcome
+
+
+class Config(PassConfig):
+    type: Literal["dtype"] = "dtype"
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    changes_weights: ClassVar[bool] = True
+
+
+def apply(vlm, cfg: Config, ctx) -> PassOutcome:
+    import torch
+
+    target = getattr(torch, cfg.dtype)
+    touched = []
+    for name, module in vlm.decoder_modules():
+        module.to(target)
+        touched.append(name)
+    return PassOutcome(touched=touched, skipped=list(vlm.vision_modules), saved_as="weights",
+                       notes=[f"decoder cast to {cfg.dtype}; vision side left in {str(vlm.vision_dtype)[6:]}"])

@@ -1,0 +1,153 @@
+"""The `vlopt` command. Heavy imports (torch, transformers) happen inside commands so that
+`vlopt --help` is instant."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Make stage 4 (LLM decoding) of EventGPT and Video-LLaVA fast, and prove it.")
+STATE = {"quiet": False, "debug": False}
+
+
+@app.callback()
+def _main(quiet: bool = typer.Option(False, "-q", "--quiet", help="Print results only, no progress."),
+          debug: bool = typer.Option(False, "--debug", help="Show tracebacks for user errors.")):
+    STATE["quiet"], STATE["debug"] = quiet, debug
+
+
+def _console():
+    from rich.console import Console
+    return Console(stderr=True, quiet=STATE["quiet"])
+
+
+def _print_table(title: str, rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
+    """columns: (key, header, format)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for _, header, _ in columns:
+        table.add_column(header, justify="right")
+    for r in rows:
+        table.add_row(*[("–" if r.get(k) is None else format(r[k], fmt)) for k, _, fmt in columns])
+    Console(width=160).print(table)
+
+
+@app.command()
+def models(preset: str = typer.Option("tiny", help="tiny | 7b"),
+           as_json: bool = typer.Option(False, "--json", help="Print a JSON list.")):
+    """Parameter count, visual tokens and context length of each model (meta device, no weights)."""
+    from vlopt.models import PRESETS, describe
+    from vlopt.plugins import get_registry
+    from vlopt.errors import VloptError
+
+    if preset not in PRESETS:
+        raise VloptError(f"unknown preset '{preset}'; choose one of {list(PRESETS)}")
+    rows = [describe(name, preset) for name in get_registry().models]
+    if as_json:
+        print(json.dumps([{k: r[k] for k in ("model", "params", "visual_tokens", "context_tokens")} for r in rows]))
+        return
+    for r in rows:
+        r["params_b"] = r["params"] / 1e9
+    _print_table(f"models, preset {preset}", rows, [("model", "model", ""), ("params_b", "params (B)", ".3f"),
+                 ("workload", "workload", ""), ("visual_tokens", "visual tokens", "d"),
+                 ("context_tokens", "context", "d")])
+
+
+@app.command()
+def bench(model: str = typer.Option("eventgpt", help="eventgpt | videollava | a checkpoint folder"),
+          preset: str = typer.Option("tiny", help="tiny | 7b"),
+          device: str = typer.Option("auto", help="cpu | cuda | auto"),
+          dtype: str = typer.Option("auto", help="auto (bf16 on cuda, float32 on cpu) | bfloat16 | float16 | float32"),
+          workload: Optional[str] = typer.Option(None, help="Default: the model's own (eventgpt / videollava)."),
+          samples: int = typer.Option(3, min=1), warmup: int = typer.Option(1, min=0),
+          new_tokens: Optional[int] = typer.Option(None, min=1, help="Token budget (default: the workload's)."),
+          natural: bool = typer.Option(False, help="Stop at EOS instead of a fixed budget."),
+          input_path: Optional[Path] = typer.Option(None, "--input", help="Event file / frames folder / image."),
+          allow_pickle: bool = typer.Option(False, help="Allow the original pickled-dict event .npy (runs code)."),
+          compare: bool = typer.Option(False, "--compare", help="Both models; print the seed's comparison table."),
+          json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result JSON here.")):
+    """Time stages 1–4 (stage 4 split into prefill and decode) for one model or both."""
+    from vlopt.bench import benchmark, compare_table
+    from vlopt.models import get_workload, load_model
+
+    console = _console()
+    names = ["eventgpt", "videollava"] if compare else [model]
+    results = []
+    for name in names:
+        is_path = not compare and (Path(name).exists() or "/" in name)
+        with console.status(f"building {name} ({'checkpoint' if is_path else preset})"):
+            vlm = load_model(None if is_path else name, preset=preset, path=name if is_path else None,
+                             dtype=dtype, device=device, allow_pickle=allow_pickle)
+        wl = get_workload(workload if (workload and not compare) else vlm.default_workload)
+        if wl.model != vlm.name:
+            from vlopt.errors import VloptError
+            raise VloptError(f"workload '{wl.name}' is for {wl.model}, not {vlm.name}")
+        with console.status(f"benchmarking {vlm.name} on {wl.name}"):
+            results.append(benchmark(vlm, wl, samples=samples, warmup=warmup, new_tokens=new_tokens,
+                                     fixed=not natural, input_path=str(input_path) if input_path else None))
+        del vlm
+    rows = compare_table(results)
+    _print_table("stage 4 (the seed's table)", rows, [
+        ("model", "model", ""), ("workload", "workload", ""), ("context", "context", "d"),
+        ("stage4_s", "stage-4 s", ".3f"), ("share", "share of 1–4", ".1%"), ("tokens", "tokens", ".0f"),
+        ("tok_s", "tok/s (stage 4)", ".1f"), ("prefill_ms", "prefill ms", ".1f"),
+        ("decode_tok_s", "decode tok/s", ".1f"), ("ratio", "ratio", ".2f")])
+    if json_out:
+        payload = {"compare": rows, "results": results} if compare else results[0]
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(payload, indent=2, default=str))
+        console.print(f"wrote {json_out}")
+
+
+@app.command()
+def env():
+    """torch / transformers / quantization libraries / CUDA / GPU, as JSON."""
+    from vlopt.machine import machine_info
+    print(json.dumps(machine_info(), indent=2))
+
+
+def _quiet_libraries() -> None:
+    import logging
+    import warnings
+
+    # Import-time chatter of torchao and torch's pytree registry says nothing about the user's run.
+    for name in ("torchao", "torch.utils._pytree", "bitsandbytes"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from vlopt.errors import VloptError
+
+    _quiet_libraries()
+    try:
+        app(args=argv, standalone_mode=False)
+    except VloptError as err:
+        if STATE["debug"]:
+            raise
+        print(f"vlopt: error: {err}", file=sys.stderr)
+        return 2
+    except (typer.Exit, SystemExit) as ex:
+        return int(getattr(ex, "exit_code", getattr(ex, "code", 0)) or 0)
+    except KeyboardInterrupt:
+        print("vlopt: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # click usage errors arrive here in non-standalone mode
+        import click
+        if isinstance(err, click.ClickException):
+            err.show()
+            return 2
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""What every model adapter provides: stages 1–3 producing a model-agnostic `Stage4Input`.
+
+Stage 4 is then the same code for both models: the LLaMA decoder generating from `inputs_embeds`.
+Passes change a model through two documented extension points of `VLModel`: `engine` (how stage 4
+decodes) and `vision` (how stages 1–3 produce features), or by changing the modules of `hf` in place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from vlopt.errors import VloptError
+
+
+@dataclass
+class Stage4Input:
+    """What every stage-4 pass and the benchmark see."""
+
+    embeds: torch.Tensor                   # [1, L, hidden]: text embeddings with visual rows spliced in
+    attention_mask: torch.Tensor           # [1, L]
+    visual_spans: list[tuple[int, int]]    # [start, end) of the visual rows
+    visual_meta: dict[str, Any] = field(default_factory=dict)  # e.g. per-row CLS attention (pruning)
+
+    @property
+    def context_tokens(self) -> int:
+        return int(self.embeds.shape[1])
+
+    @property
+    def visual_tokens(self) -> int:
+        return sum(e - s for s, e in self.visual_spans)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One benchmark shape: which model, what input, how many frames and new tokens."""
+
+    name: str
+    model: str
+    input_kind: str          # "events" | "video" | "image"
+    frames: int
+    new_tokens: int
+    questions: int = 1       # >1: several questions about one clip (prefix-reuse workloads)
+
+
+WORKLOADS = {w.name: w for w in [
+    Workload("eventgpt", "eventgpt", "events", 5, 45),
+    Workload("eventgpt-1frame", "eventgpt", "events", 1, 45),
+    Workload("eventgpt-10q", "eventgpt", "events", 5, 45, questions=10),
+    Workload("videollava", "videollava", "video", 8, 90),
+    Workload("videollava-image", "videollava", "image", 1, 90),
+    Workload("videollava-10q", "videollava", "video", 8, 90, questions=10),
+]}
+
+
+def get_workload(name: str) -> Workload:
+    if name not in WORKLOADS:
+        raise VloptError(f"unknown workload '{name}'; choose one of {sorted(WORKLOADS)}")
+    return WORKLOADS[name]
+
+
+class VLModel:
+    """A vision-language model as vlopt sees it. Subclasses implement stages 1–3."""
+
+    name: ClassVar[str]
+    default_workload: ClassVar[str]
+    vision_modules: ClassVar[list[str]]     # qualified names of the stage-3 modules
+
+    @property
+    def default_ignore(self) -> list[str]:
+        """What a weight pass leaves alone unless told otherwise: the vision side and the output head."""
+        return [*self.vision_modules, "lm_head"]
+
+    def __init__(self, hf, tokenizer, *, source: dict):
+        from vlopt.decode import HFGenerate
+
+        self.hf = hf                  # the transformers module: save_pretrained / from_pretrained
+        self.tokenizer = tokenizer
+        self.source = source          # how it was built: {"preset": ...} or {"path": ...}
+        self.engine = HFGenerate()    # stage 4; a decode-engine pass replaces it
+        self.vision = None            # optional cache in front of stages 1–3 (feature_cache)
+
+    # ---- stages 1–3, per model ------------------------------------------------------------------
+    def load_input(self, path: str | None, workload: Workload) -> Any:
+        """Stage 1: read the raw input (or the deterministic demo input when `path` is None)."""
+        raise NotImplementedError
+
+    def preprocess(self, raw: Any, question: str, workload: Workload) -> dict:
+        """Stage 2: raw input → pixel tensors on the device, prompt → ids."""
+        raise NotImplementedError
+
+    def encode(self, prepared: dict) -> Stage4Input:
+        """Stage 3: vision encoder → projector (→ adaptor, pooling) → spliced into embeddings."""
+        raise NotImplementedError
+
+    # ---- the decoder, the same for both models ----------------------------------------------------
+    @property
+    def text_model(self):
+        """The `LlamaModel`: embed_tokens, layers, norm, rotary_emb."""
+        raise NotImplementedError
+
+    @property
+    def decoder_prefix(self) -> str:
+        """Qualified name of `text_model` inside `hf` (module selection is by qualified name)."""
+        raise NotImplementedError
+
+    @property
+    def lm_head(self):
+        return self.hf.lm_head
+
+    def decoder_modules(self) -> list[tuple[str, torch.nn.Module]]:
+        """The stage-4 modules with their qualified names: embeddings, layers, final norm, lm_head."""
+        tm, p = self.text_model, self.decoder_prefix
+        return [(f"{p}.embed_tokens", tm.embed_tokens), (f"{p}.layers", tm.layers), (f"{p}.norm", tm.norm),
+                ("lm_head", self.lm_head)]
+
+    @property
+    def vision_dtype(self) -> torch.dtype:
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.text_model.embed_tokens.weight.dtype
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.text_model.embed_tokens(ids.to(self.device))
+
+    @property
+    def eos_token_id(self) -> int:
+        return int(self.tokenizer.eos_token_id)
+
+    def stage4(self, inp: Stage4Input, *, new_tokens: int, fixed: bool = True):
+        """Stage 4 through the current engine."""
+        return self.engine.generate(self, inp, new_tokens=new_tokens, fixed=fixed)
+
+    def run_stages(self, raw_path: str | None, workload: Workload, question: str, timer=None) -> Stage4Input:
+        """Stages 1–3, each inside `timer(stage)` (a context manager), through the feature cache
+        when a pass installed one."""
+        timer = timer or _no_timer
+        if self.vision is not None:
+            return self.vision.run_stages(self, raw_path, workload, question, timer)
+        with timer("1"):
+            raw = self.load_input(raw_path, workload)
+        with timer("2"):
+            prepared = self.preprocess(raw, question, workload)
+        with timer("3"):
+            return self.encode(prepared)
+
+
+class _NoTimer:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _no_timer(stage: str) -> _NoTimer:
+    return _NoTimer()

@@ -1,0 +1,164 @@
+"""Video-LLaVA through `transformers.VideoLlavaForConditionalGeneration`.
+
+Two CLIP-L/14 towers at 224 px, one projector, Vicuna-7B. An image gives 256 rows (CLS dropped), an
+8-frame video 8×257 = 2056 rows (CLS kept). vlopt builds the pixel tensors and expands the
+placeholders itself: the transformers video processor needs torchvision.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from vlopt.errors import VloptError
+from vlopt.models.base import Stage4Input, VLModel, Workload
+from vlopt.models.tokenizer import DEFAULT_QUESTION, build_tokenizer
+
+PROMPT = {"video": "USER: <video>\n{question}\nASSISTANT:", "image": "USER: <image>\n{question}\nASSISTANT:"}
+
+PRESETS = {
+    "tiny": dict(
+        text=dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                  num_attention_heads=4, max_position_embeddings=2048),
+        vision=dict(image_size=28, patch_size=14, hidden_size=64, intermediate_size=128,
+                    num_hidden_layers=2, num_attention_heads=4)),
+    "7b": dict(
+        text=dict(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                  num_attention_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5),
+        vision=dict(image_size=224, patch_size=14, hidden_size=1024, intermediate_size=4096,
+                    num_hidden_layers=24, num_attention_heads=16, projection_dim=768)),
+}
+
+
+def preset_config(preset: str, tokenizer):
+    from transformers import VideoLlavaConfig
+
+    p = PRESETS[preset]
+    image_id, video_id = tokenizer.convert_tokens_to_ids(["<image>", "<video>"])
+    patches = (p["vision"]["image_size"] // p["vision"]["patch_size"]) ** 2
+    return VideoLlavaConfig(
+        text_config=dict(model_type="llama", bos_token_id=1, eos_token_id=2, pad_token_id=3, **p["text"]),
+        vision_config=dict(model_type="clip_vision_model", **p["vision"]),
+        image_token_index=image_id, video_token_index=video_id, pad_token_id=3,
+        image_seq_length=patches, video_seq_length=8 * (patches + 1),
+        vision_feature_layer=-2, vision_feature_select_strategy="default", tie_word_embeddings=False)
+
+
+class VideoLLaVA(VLModel):
+    name = "videollava"
+    default_workload = "videollava"
+    vision_modules = ["model.image_tower", "model.video_tower", "model.multi_modal_projector"]
+
+    @property
+    def text_model(self):
+        return self.hf.model.language_model
+
+    @property
+    def decoder_prefix(self) -> str:
+        return "model.language_model"
+
+    @property
+    def image_size(self) -> int:
+        return int(self.hf.config.vision_config.image_size)
+
+    @property
+    def vision_dtype(self) -> torch.dtype:
+        return self.hf.model.video_tower.embeddings.patch_embedding.weight.dtype
+
+    @property
+    def patches(self) -> int:
+        v = self.hf.config.vision_config
+        return (v.image_size // v.patch_size) ** 2
+
+    def visual_rows(self, kind: str, frames: int) -> int:
+        return self.patches if kind == "image" else frames * (self.patches + 1)
+
+    def visual_rows_for(self, workload: Workload) -> int:
+        return self.visual_rows(workload.input_kind, workload.frames)
+
+    def context_tokens_for(self, workload: Workload, question: str = DEFAULT_QUESTION) -> int:
+        return len(self.prompt_ids(workload.input_kind, question, workload.frames))
+
+    def load_input(self, path, workload: Workload):
+        from vlopt.frames import load_frames, synthetic_video
+
+        if workload.input_kind not in ("video", "image"):
+            raise VloptError(f"Video-LLaVA takes video or image input, not the workload '{workload.name}'")
+        frames = list(synthetic_video()) if path is None else load_frames(path)
+        return frames[:1] if workload.input_kind == "image" else frames
+
+    def preprocess(self, raw, question: str, workload: Workload) -> dict:
+        from vlopt.frames import clip_preprocess, sample_uniform
+
+        kind = workload.input_kind
+        frames = raw[:1] if kind == "image" else sample_uniform(raw, workload.frames)
+        pixels = clip_preprocess(frames, self.image_size).to(self.device, self.vision_dtype)
+        return {"kind": kind, "pixels": pixels, "input_ids": self.prompt_ids(kind, question, len(frames))}
+
+    def prompt_ids(self, kind: str, question: str, frames: int) -> list[int]:
+        """Prompt ids with the placeholder expanded to one id per visual row."""
+        cfg = self.hf.config
+        placeholder = "<image>" if kind == "image" else "<video>"
+        token_id = cfg.image_token_index if kind == "image" else cfg.video_token_index
+        before, after = PROMPT[kind].format(question=question).split(placeholder)
+        return (self.tokenizer(before).input_ids + [token_id] * self.visual_rows(kind, frames)
+                + self.tokenizer(after, add_special_tokens=False).input_ids)
+
+    @torch.no_grad()
+    def visual_features(self, prepared: dict) -> torch.Tensor:
+        """Towers → projector: [rows, hidden] in the order the placeholders appear."""
+        m = self.hf.model
+        if prepared["kind"] == "image":
+            out = m.get_image_features(pixel_values=prepared["pixels"], return_dict=True)
+        else:
+            out = m.get_video_features(pixel_values_videos=prepared["pixels"][None], return_dict=True)
+        return out.pooler_output.reshape(-1, out.pooler_output.shape[-1])
+
+    @torch.no_grad()
+    def encode(self, prepared: dict) -> Stage4Input:
+        return self.splice(prepared["input_ids"], prepared["kind"], self.visual_features(prepared))
+
+    def splice(self, ids: list[int], kind: str, feats: torch.Tensor) -> Stage4Input:
+        cfg = self.hf.config
+        token_id = cfg.image_token_index if kind == "image" else cfg.video_token_index
+        ids_t = torch.tensor([ids], device=self.device)
+        embeds = self.embed(ids_t)
+        where = (ids_t == token_id)
+        if int(where.sum()) != feats.shape[0]:
+            raise VloptError(f"{int(where.sum())} placeholders but {feats.shape[0]} visual rows")
+        embeds = embeds.masked_scatter(where[..., None].expand_as(embeds), feats.to(embeds.dtype))
+        start = ids.index(token_id)
+        mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=self.device)
+        return Stage4Input(embeds, mask, [(start, start + feats.shape[0])])
+
+
+def build(preset: str, *, dtype: torch.dtype, device: str, meta: bool = False) -> VideoLLaVA:
+    from transformers import VideoLlavaForConditionalGeneration
+
+    tokenizer = build_tokenizer(("<image>", "<video>"))
+    config = preset_config(preset, tokenizer)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta" if meta else device):
+            hf = VideoLlavaForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return VideoLLaVA(hf.eval(), tokenizer, source={"preset": preset})
+
+
+def load_checkpoint(path: Path, config: dict, *, dtype: torch.dtype, device: str) -> VideoLLaVA:
+    """A `VideoLlavaForConditionalGeneration` folder, in the legacy (hub, pre-5.0) key layout or the
+    current one; transformers' conversion mapping renames legacy keys."""
+    from transformers import VideoLlavaForConditionalGeneration
+
+    from vlopt.models.eventgpt import load_tokenizer
+
+    tokenizer = load_tokenizer(path)
+    try:
+        hf = VideoLlavaForConditionalGeneration.from_pretrained(
+            str(path), dtype=dtype, local_files_only=True, use_safetensors=True)
+    except (OSError, ValueError) as err:
+        raise VloptError(f"{path} is not a loadable Video-LLaVA checkpoint: {err}") from None
+    return VideoLLaVA(hf.to(device).eval(), tokenizer, source={"path": str(path)})

@@ -1,0 +1,78 @@
+"""What a pass is: a typed config and one `apply` function (the torchao `quantize_` shape)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from vlopt.errors import VloptError
+
+
+class PassConfig(BaseModel):
+    """Base of every pass config. Fields are the recipe keys; unknown keys are rejected."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: str
+    version: ClassVar[str] = "1"
+    changes_weights: ClassVar[bool] = False   # True: its effect is in the saved weights
+    lossless: ClassVar[bool] = False          # True: the outputs are the baseline's (same numerics)
+    deterministic: ClassVar[bool] = True      # False: two applications may give different weights
+    why_nondeterministic: ClassVar[str] = ""
+
+
+class ModuleSelection(PassConfig):
+    """Module selection, one syntax: `re:` prefix = regex (full match), else an exact qualified name.
+    `ignore=None` means the model's default: vision towers, projector, adaptor and `lm_head`."""
+
+    type: str
+    targets: list[str] = ["re:.*"]
+    ignore: list[str] | None = None
+
+
+@dataclass
+class PassContext:
+    device: str
+    workload: Any = None
+    log: Any = print
+
+
+@dataclass
+class PassOutcome:
+    touched: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    # "weights": saved in the checkpoint; "sidecar": re-applied from the recipe on load
+    saved_as: str = "sidecar"
+    info: dict = field(default_factory=dict)
+
+
+def matches(name: str, patterns: list[str]) -> bool:
+    for p in patterns:
+        if p.startswith("re:"):
+            try:
+                if re.fullmatch(p[3:], name):
+                    return True
+            except re.error as err:
+                raise VloptError(f"bad regex {p!r} in module selection: {err}") from None
+        elif p == name:
+            return True
+    return False
+
+
+def select_modules(vlm, cfg: ModuleSelection, kind) -> tuple[list[tuple[str, Any]], list[str]]:
+    """Modules of type `kind` in `vlm.hf` that `cfg.targets` names and `cfg.ignore` (or the model's
+    default ignores) does not. Returns (selected (name, module) pairs, skipped names)."""
+    ignore = vlm.default_ignore if cfg.ignore is None else cfg.ignore
+    chosen, skipped = [], []
+    for name, module in vlm.hf.named_modules():
+        if not isinstance(module, kind):
+            continue
+        if matches(name, ignore) or any(name.startswith(i + ".") for i in ignore if not i.startswith("re:")):
+            skipped.append(name)
+        elif matches(name, cfg.targets):
+            chosen.append((name, module))
+    return chosen, skipped

@@ -1,0 +1,145 @@
+"""Loading plugins from the `vlopt` entry-point group and collecting what they register.
+
+`VLOPT_LOAD_PLUGINS=a,b` loads only the named third-party plugins; empty loads the built-ins only.
+A plugin that fails to import or raises in a hook is recorded by name and the others still load.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any, Callable
+
+import pluggy
+
+from vlopt import hookspecs
+from vlopt.errors import VloptError
+
+BUILTIN = "builtin"
+
+
+@dataclass
+class PassEntry:
+    type: str
+    config: type           # the PassConfig subclass
+    apply: Callable
+    plugin: str
+    plugin_version: str | None
+
+
+@dataclass
+class PluginInfo:
+    name: str
+    version: str | None
+    hooks: list[str] = field(default_factory=list)
+    passes: list[str] = field(default_factory=list)
+    models: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+@dataclass
+class Registry:
+    passes: dict[str, PassEntry]
+    models: dict[str, Any]
+    plugins: list[PluginInfo]
+
+    def pass_entry(self, type_name: str) -> PassEntry:
+        if type_name not in self.passes:
+            raise VloptError(f"unknown pass type '{type_name}'; known: {sorted(self.passes)}")
+        return self.passes[type_name]
+
+
+def _allowed() -> set[str] | None:
+    raw = os.environ.get("VLOPT_LOAD_PLUGINS")
+    if raw is None:
+        return None
+    return {n.strip() for n in raw.split(",") if n.strip()}
+
+
+def _entry_points() -> list[metadata.EntryPoint]:
+    return sorted(metadata.entry_points(group="vlopt"), key=lambda ep: (ep.name != BUILTIN, ep.name))
+
+
+def build_registry(extra: list[tuple[str, Any]] = ()) -> Registry:
+    """Load the entry points (plus `extra` (name, plugin object) pairs) and collect registrations."""
+    from vlopt.passes import PassConfig
+
+    allowed = _allowed()
+    loaded: list[tuple[str, str | None, Any]] = []
+    infos: list[PluginInfo] = []
+    eps = _entry_points()
+    if not any(ep.name == BUILTIN for ep in eps):
+        raise VloptError("the built-in passes are not registered: vlopt is not installed; "
+                         "run `pip install -e .` in the vlopt folder")
+    for ep in eps:
+        if ep.name != BUILTIN and allowed is not None and ep.name not in allowed:
+            continue
+        version = ep.dist.version if ep.dist else None
+        try:
+            loaded.append((ep.name, version, ep.load()))
+        except Exception as err:  # a broken plugin must not take the others down
+            infos.append(PluginInfo(ep.name, version, error=f"import failed: {type(err).__name__}: {err}"))
+    loaded.extend((name, None, obj) for name, obj in extra)
+
+    passes: dict[str, PassEntry] = {}
+    models: dict[str, Any] = {}
+    for name, version, obj in loaded:
+        pm = pluggy.PluginManager("vlopt")
+        pm.add_hookspecs(hookspecs)
+        info = PluginInfo(name, version)
+        infos.append(info)
+        try:
+            pm.register(obj, name=name)
+            pm.check_pending()
+        except pluggy.PluginValidationError as err:
+            info.error = f"invalid hook implementation: {err}"
+            continue
+        info.hooks = sorted(h.name for h in pm.get_hookcallers(obj) or [])
+
+        def register_pass(config, apply, _name=name, _version=version, _info=info):
+            if not (isinstance(config, type) and issubclass(config, PassConfig)):
+                raise VloptError(f"plugin '{_name}' registered {config!r}, which is not a PassConfig subclass")
+            type_name = config.model_fields["type"].default
+            if not isinstance(type_name, str) or not type_name.isidentifier():
+                raise VloptError(f"plugin '{_name}': pass config {config.__name__} needs a `type` default "
+                                 "that is an identifier")
+            if not callable(apply):
+                raise VloptError(f"plugin '{_name}': apply for pass '{type_name}' is not callable")
+            if type_name in passes:
+                raise VloptError(f"pass type '{type_name}' is registered by both plugin "
+                                 f"'{passes[type_name].plugin}' and plugin '{_name}'; uninstall one or "
+                                 "limit plugins with VLOPT_LOAD_PLUGINS")
+            passes[type_name] = PassEntry(type_name, config, apply, _name, _version)
+            _info.passes.append(type_name)
+
+        def register_model(family, _name=name, _info=info):
+            if family.name in models:
+                raise VloptError(f"model '{family.name}' is registered twice (plugin '{_name}')")
+            models[family.name] = family
+            _info.models.append(family.name)
+
+        for hook, register in (("register_passes", register_pass), ("register_models", register_model)):
+            try:
+                getattr(pm.hook, hook)(register=register)
+            except VloptError:
+                raise
+            except Exception as err:
+                info.error = f"{hook} raised {type(err).__name__}: {err}"
+    return Registry(passes, models, infos)
+
+
+_REGISTRY: Registry | None = None
+
+
+def get_registry() -> Registry:
+    global _REGISTRY
+    if _REGISTRY is None:
+        _REGISTRY = build_registry()
+    return _REGISTRY
+
+
+def set_registry(registry: Registry | None) -> None:
+    """Replace the process-wide registry (None: rebuild on next use). Used by `vlopt.testing`."""
+    global _REGISTRY
+    _REGISTRY = registry
