@@ -107,6 +107,109 @@ def bench(model: str = typer.Option("eventgpt", help="eventgpt | videollava | a 
 
 
 @app.command()
+def apply(recipe: Path = typer.Argument(..., help="The recipe YAML."),
+          output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output directory (overrides the recipe's)."),
+          dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the plan; load no weights."),
+          force: bool = typer.Option(False, "--force", help="Replace an existing non-empty output directory."),
+          device: Optional[str] = typer.Option(None, help="cpu | cuda (overrides the recipe)."),
+          continue_on_error: bool = typer.Option(False, "--continue-on-error",
+                                                 help="Record a failing pass and go on with the next.")):
+    """Apply a recipe: bench the baseline, apply each pass, bench again, write checkpoint and report."""
+    import yaml
+
+    from vlopt import manager
+    from vlopt.errors import VloptError
+    from vlopt.plugins import get_registry
+    from vlopt.recipe import load_recipe, resolved_recipe
+
+    if device is not None and device not in ("cpu", "cuda", "auto"):
+        raise VloptError(f"--device must be cpu, cuda or auto, not '{device}'")
+    registry = get_registry()
+    rec, configs = load_recipe(recipe, registry)
+    out = output if output is not None else (recipe.parent / rec.output if rec.output else None)
+    out = out.resolve() if out is not None else None
+    if dry_run:
+        from vlopt.checkpoint import check_output
+        if out is not None:
+            check_output(out.absolute(), force=force)
+        console = _console()
+        for i, row in enumerate(manager.plan(rec, configs, registry)):
+            console.print(f"{i + 1}. {row['pass']} ({row['plugin']}, v{row['version']}): "
+                          f"{'changes weights' if row['changes_weights'] else 'runtime only'}, "
+                          f"{'lossless' if row['lossless'] else 'lossy'} — {row['config']}")
+        console.print(f"output: {out.absolute() if out else '(none: report printed only)'}")
+        print(yaml.safe_dump(resolved_recipe(rec, configs, registry), sort_keys=False), end="")
+        return
+    console = _console()
+    with console.status("starting") as status:
+        result = manager.run(rec, configs, recipe_path=recipe.absolute(), output=out.absolute() if out else None,
+                             force=force, device=device, continue_on_error=continue_on_error,
+                             progress=lambda msg: status.update(msg))
+    from vlopt.report import markdown
+    print(markdown(result.report))
+    if result.output:
+        console.print(f"wrote {result.output}")
+    for failure in result.failures:
+        print(f"vlopt: {failure}", file=sys.stderr)
+    if result.exit_code:
+        raise typer.Exit(result.exit_code)
+
+
+@app.command()
+def passes(as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
+    """Every registered pass with its config fields, types and defaults."""
+    from vlopt.plugins import get_registry
+
+    rows = []
+    for name, entry in sorted(get_registry().passes.items()):
+        cls = entry.config
+        fields = {f: {"type": _type_name(info.annotation), "default": info.get_default(call_default_factory=True)}
+                  for f, info in cls.model_fields.items() if f != "type"}
+        rows.append({"type": name, "plugin": entry.plugin, "version": cls.version,
+                     "changes_weights": cls.changes_weights, "lossless": cls.lossless,
+                     "deterministic": cls.deterministic, "fields": fields,
+                     "doc": (entry.apply.__module__ and sys.modules[entry.apply.__module__].__doc__ or "").strip()})
+    if as_json:
+        print(json.dumps(rows, indent=2, default=str))
+        return
+    for r in rows:
+        print(f"{r['type']}  ({r['plugin']}, v{r['version']}; {'changes weights' if r['changes_weights'] else 'runtime only'}, "
+              f"{'lossless' if r['lossless'] else 'lossy'})")
+        for f, info in r["fields"].items():
+            print(f"    {f}: {info['type']} = {info['default']!r}")
+
+
+def _type_name(annotation) -> str:
+    import typing
+
+    if typing.get_origin(annotation) is typing.Literal:
+        return " | ".join(repr(a) for a in typing.get_args(annotation))
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+@app.command()
+def plugins():
+    """Loaded plugins as JSON: name, version, hooks, passes and models registered, load errors."""
+    from dataclasses import asdict
+
+    from vlopt.plugins import get_registry
+    print(json.dumps([asdict(p) for p in get_registry().plugins], indent=2))
+
+
+@app.command()
+def verify(folder: Path = typer.Argument(..., help="A directory written by `vlopt apply`.")):
+    """Check a checkpoint against its sha256 manifest; exit 1 naming any missing, extra or altered file."""
+    from vlopt.checkpoint import verify as verify_dir
+
+    problems = verify_dir(folder)
+    if problems:
+        for p in problems:
+            print(f"vlopt: {folder}: {p}", file=sys.stderr)
+        raise typer.Exit(1)
+    print(f"{folder}: ok")
+
+
+@app.command()
 def env():
     """torch / transformers / quantization libraries / CUDA / GPU, as JSON."""
     from vlopt.machine import machine_info
@@ -122,6 +225,11 @@ def _quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    try:
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -70,8 +70,11 @@ def resolve_device(device: str) -> str:
 
 
 def resolve_dtype(name: str, device: str):
+    """A torch dtype; "saved" gives None: keep each tensor's dtype as stored in the checkpoint."""
     import torch
 
+    if name == "saved":
+        return None
     table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if name == "auto":
         return torch.bfloat16 if device == "cuda" else torch.float32
@@ -112,6 +115,8 @@ def load_model(name: str | None = None, *, preset: str = "tiny", path: str | Non
         family = families[name]
         if preset not in family.presets:
             raise VloptError(f"unknown preset '{preset}' for {name}; choose one of {list(family.presets)}")
+        if torch_dtype is None:
+            raise VloptError("dtype 'saved' applies to checkpoints only; give a dtype for a preset")
         vlm = family.build(preset, dtype=torch_dtype, device=device)
     vlm.source["allow_pickle"] = allow_pickle
     return vlm

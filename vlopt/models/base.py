@@ -153,6 +153,21 @@ class VLModel:
             return self.encode(prepared)
 
 
+def seeded_init(device: str, seed: int = 0):
+    """Random weights that are the same on every build of a preset (per device kind), without
+    disturbing the caller's random state."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def scope():
+        devices = [torch.device(device).index or 0] if torch.device(device).type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            yield
+
+    return scope()
+
+
 class _NoTimer:
     def __enter__(self):
         return self

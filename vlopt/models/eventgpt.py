@@ -17,7 +17,7 @@ from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
 from vlopt.errors import VloptError
-from vlopt.models.base import Stage4Input, VLModel, Workload
+from vlopt.models.base import Stage4Input, VLModel, Workload, seeded_init
 from vlopt.models.tokenizer import DEFAULT_QUESTION, SYSTEM_PROMPT, build_tokenizer
 
 EVENT_TOKEN_INDEX = -200
@@ -160,7 +160,7 @@ def _instantiate(config, *, dtype, device):
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with torch.device(device):
+        with torch.device(device), seeded_init(device):
             return EventGPTForCausalLM(config)
     finally:
         torch.set_default_dtype(previous)
@@ -189,15 +189,20 @@ def load_checkpoint(path: Path, config: dict, *, dtype: torch.dtype, device: str
     """Load an EventGPT folder: either one vlopt wrote (model_type `eventgpt`) or the original
     release (`EventChat_llama`), whose CLIP tower is inside the weights or in the local folder
     named by `mm_visual_tower`."""
-    from vlopt.models.weights import read_state_dict
+    from vlopt.models.weights import from_pretrained_keeping_dtypes, read_state_dict
 
     register_auto_classes()
     tokenizer = load_tokenizer(path)
+    if config.get("model_type") == "eventgpt":   # written by save_pretrained (vlopt): the native route
+        try:
+            hf = from_pretrained_keeping_dtypes(EventGPTForCausalLM, path, dtype=dtype, local_files_only=True,
+                                                use_safetensors=True)
+        except (OSError, ValueError) as err:
+            raise VloptError(f"{path} is not a loadable EventGPT checkpoint: {err}") from None
+        return EventGPT(hf.to(device).eval(), tokenizer, source={"path": str(path)})
+    dtype = dtype or torch.bfloat16   # the original release is bf16
     state = {map_original_key(k): v for k, v in read_state_dict(path).items()}
-    if config.get("model_type") == "eventgpt":
-        cfg = EventGPTConfig.from_dict(config)
-    else:
-        cfg = _config_from_original(path, config, state)
+    cfg = _config_from_original(path, config, state)
     missing_tower = not any(k.startswith("model.visual_tower.") for k in state)
     if missing_tower:
         tower_dir = Path(config.get("mm_visual_tower") or "")

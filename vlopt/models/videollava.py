@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from vlopt.errors import VloptError
-from vlopt.models.base import Stage4Input, VLModel, Workload
+from vlopt.models.base import Stage4Input, VLModel, Workload, seeded_init
 from vlopt.models.tokenizer import DEFAULT_QUESTION, build_tokenizer
 
 PROMPT = {"video": "USER: <video>\n{question}\nASSISTANT:", "image": "USER: <image>\n{question}\nASSISTANT:"}
@@ -141,7 +141,7 @@ def build(preset: str, *, dtype: torch.dtype, device: str, meta: bool = False) -
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with torch.device("meta" if meta else device):
+        with torch.device("meta" if meta else device), seeded_init("meta" if meta else device):
             hf = VideoLlavaForConditionalGeneration(config)
     finally:
         torch.set_default_dtype(previous)
@@ -154,11 +154,12 @@ def load_checkpoint(path: Path, config: dict, *, dtype: torch.dtype, device: str
     from transformers import VideoLlavaForConditionalGeneration
 
     from vlopt.models.eventgpt import load_tokenizer
+    from vlopt.models.weights import from_pretrained_keeping_dtypes
 
     tokenizer = load_tokenizer(path)
     try:
-        hf = VideoLlavaForConditionalGeneration.from_pretrained(
-            str(path), dtype=dtype, local_files_only=True, use_safetensors=True)
+        hf = from_pretrained_keeping_dtypes(VideoLlavaForConditionalGeneration, path, dtype=dtype,
+                                            local_files_only=True, use_safetensors=True)
     except (OSError, ValueError) as err:
         raise VloptError(f"{path} is not a loadable Video-LLaVA checkpoint: {err}") from None
     return VideoLLaVA(hf.to(device).eval(), tokenizer, source={"path": str(path)})

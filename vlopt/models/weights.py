@@ -35,3 +35,40 @@ def read_state_dict(folder: Path) -> dict:
         except Exception as err:  # safetensors raises SafetensorError / OSError on damage
             raise VloptError(f"{f} is not a valid safetensors file: {err}") from None
     return state
+
+
+def saved_dtypes(folder: Path) -> dict:
+    """The dtype of every floating tensor as stored in the folder's safetensors files (header only)."""
+    import torch
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    names = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as fh:
+            for key in fh.keys():
+                dt = names.get(fh.get_slice(key).get_dtype())
+                if dt is not None:
+                    out[key] = dt
+    return out
+
+
+def from_pretrained_keeping_dtypes(cls, folder: Path, *, dtype, **kwargs):
+    """`cls.from_pretrained`, but with `dtype=None` every tensor keeps the dtype it was saved in
+    (a bf16 decoder next to a float32 vision tower stays that way). transformers' "auto" casts the
+    whole model to one dtype, so a mixed folder is loaded in float32 and narrowed tensor by tensor."""
+    import torch
+
+    if dtype is not None:
+        return cls.from_pretrained(str(folder), dtype=dtype, **kwargs)
+    stored = saved_dtypes(folder)
+    kinds = set(stored.values())
+    if len(kinds) <= 1:
+        return cls.from_pretrained(str(folder), dtype=next(iter(kinds), "auto"), **kwargs)
+    model = cls.from_pretrained(str(folder), dtype=torch.float32, **kwargs)
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        want = stored.get(name)
+        if want is not None and tensor.is_floating_point() and tensor.dtype != want and type(tensor.data) is torch.Tensor:
+            tensor.data = tensor.data.to(want)
+    return model

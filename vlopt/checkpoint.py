@@ -1,0 +1,145 @@
+"""Optimized checkpoints: written whole or not at all, verified by a sha256 manifest written last.
+
+Layout: what `save_pretrained` writes (safetensors only) and the tokenizer; `vlopt_recipe.yaml` (the
+resolved recipe, with plugin versions and which passes to re-apply on load); the three report
+files; `vlopt_manifest.json` (sha256 of every other file). Everything is written into a temporary
+sibling directory that is renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from vlopt.errors import VloptError
+
+MANIFEST = "vlopt_manifest.json"
+RECIPE = "vlopt_recipe.yaml"
+
+
+def check_output(out: Path, *, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise VloptError(f"output {out} exists and is a file; choose another output path")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise VloptError(f"output {out} exists and is not empty; pass --force to replace it, or choose "
+                         "another output path")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_output(out: Path, *, vlm, resolved: dict, report: dict, state_dict=None, force: bool = False) -> Path:
+    """Write the whole directory next to `out`, then rename it into place. `vlm=None` writes the
+    report and recipe only (a run that failed: no weights to trust)."""
+    import yaml
+
+    from vlopt import report as report_files
+
+    out = Path(out).absolute()
+    check_output(out, force=force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.vlopt-tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        if vlm is not None:
+            kwargs = {"state_dict": state_dict} if state_dict is not None else {}
+            vlm.hf.save_pretrained(str(tmp), **kwargs)
+            vlm.tokenizer.save_pretrained(str(tmp))
+            stray = [p.name for p in tmp.iterdir() if p.suffix in (".bin", ".pt", ".pkl", ".pth")]
+            if stray:
+                raise VloptError(f"save_pretrained wrote pickle files {stray}; vlopt writes safetensors only")
+        (tmp / RECIPE).write_text(yaml.safe_dump(resolved, sort_keys=False))
+        report_files.write(report, tmp)
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        manifest = {"complete": vlm is not None,
+                    "files": {str(p.relative_to(tmp)): _sha256(p) for p in files}}
+        for p in files:
+            with open(p, "rb") as fh:
+                os.fsync(fh.fileno())
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))   # last: its presence means complete
+        with open(tmp / MANIFEST, "rb") as fh:
+            os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.vlopt-old-{os.getpid()}"
+        out.rename(old)
+    tmp.rename(out)
+    _fsync_dir(out.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def verify(folder: Path) -> list[str]:
+    """Problems with a checkpoint directory (empty list: every file is present and unaltered)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return [f"{folder} is not a directory"]
+    mf = folder / MANIFEST
+    if not mf.is_file():
+        return [f"{MANIFEST} is missing: the directory was not written completely by vlopt"]
+    try:
+        manifest = json.loads(mf.read_text())
+        expected = manifest["files"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return [f"{MANIFEST} is damaged"]
+    problems = []
+    for name, digest in expected.items():
+        p = folder / name
+        if not p.is_file():
+            problems.append(f"missing file {name}")
+        elif _sha256(p) != digest:
+            problems.append(f"altered file {name}")
+    present = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()} - {MANIFEST}
+    problems += [f"extra file {name}" for name in sorted(present - set(expected))]
+    return problems
+
+
+def load_optimized(folder, *, device: str = "auto"):
+    """Load a `vlopt apply` output: verified weights, then the runtime passes re-applied in order."""
+    import yaml
+
+    from vlopt.models import load_model
+    from vlopt.passes import PassContext
+    from vlopt.plugins import get_registry
+
+    folder = Path(folder)
+    problems = verify(folder)
+    if problems:
+        raise VloptError(f"{folder} fails verification: " + "; ".join(problems))
+    manifest = json.loads((folder / MANIFEST).read_text())
+    recipe = yaml.safe_load((folder / RECIPE).read_text())
+    if not manifest.get("complete"):
+        raise VloptError(f"{folder} holds the report of a run that failed; it has no weights to load")
+    vlm = load_model(path=str(folder), dtype="saved", device=device)
+    registry = get_registry()
+    for index in recipe.get("replay", []):
+        raw = {k: v for k, v in recipe["passes"][index].items() if not k.startswith("_")}
+        entry = registry.pass_entry(raw["type"])
+        entry.apply(vlm, entry.config.model_validate(raw), PassContext(device=str(vlm.device)))
+    return vlm
