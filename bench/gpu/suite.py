@@ -1,0 +1,89 @@
+"""Stage-4 suite for one `7b` model on a GPU: every row measured in this one process.
+
+Rows: HF generate (eager, the baseline), fast_decode bf16, fast_decode + int8 (torchao),
+fast_decode + int4 (torchao, bf16 weights rebuilt first), and the peer HF static cache + compile.
+Each row: benchmark JSON (stages, prefill, decode tok/s, GB/s, peak memory) and fidelity against
+the baseline's greedy output. Usage: python bench/gpu/suite.py MODEL OUT.json [--skip-peer]
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+
+os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
+import json
+import sys
+import time
+
+import torch
+
+
+def main() -> None:
+    from vlopt import bench, fidelity
+    from vlopt.decode import HFGenerate
+    from vlopt.models import get_workload, load_model
+    from vlopt.passes import PassContext
+    from vlopt.plugins import get_registry
+
+    model, out_path = sys.argv[1], sys.argv[2]
+    skip_peer = "--skip-peer" in sys.argv
+    smoke = "--smoke" in sys.argv      # tiny model on the CPU: checks the script, measures nothing
+    preset, device, dtype = ("tiny", "cpu", "float32") if smoke else ("7b", "cuda", "bfloat16")
+    samples = 1 if smoke else 3
+    registry = get_registry()
+
+    def apply(vlm, cfg: dict):
+        entry = registry.pass_entry(cfg["type"])
+        t = time.perf_counter()
+        outcome = entry.apply(vlm, entry.config.model_validate(cfg), PassContext(device=device))
+        return time.perf_counter() - t, outcome
+
+    def fresh():
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return load_model(model, preset=preset, dtype=dtype, device=device)
+
+    results = {"model": model, "rows": []}
+
+    def record(name, vlm, wl, ref, passes, apply_s=0.0, warmup=2, lossless=False):
+        t = time.perf_counter()
+        res = bench.benchmark(vlm, wl, samples=samples, warmup=warmup)
+        wall = time.perf_counter() - t
+        fid = fidelity.compare(vlm, ref, wl) if ref is not None else None
+        row = {"name": name, "passes": passes, "lossless": lossless, "apply_s": apply_s, "bench_wall_s": wall,
+               "bench": res, "fidelity": fid}
+        results["rows"].append(row)
+        s4 = res["stage4"]
+        print(f"{model:10s} {name:28s} stage4 {s4['stage4_ms']:8.1f} ms  prefill {s4['prefill_ms']:6.1f} ms  "
+              f"decode {s4['tokens_per_s']:6.1f} tok/s  {s4['gb_per_s']:6.0f} GB/s  peak {s4['peak_mem_mb']:6.0f} MB  "
+              f"info {s4['engine_info']}  fid {fid}", flush=True)
+        with open(out_path, "w") as fh:
+            json.dump(results, fh, indent=1, default=str)
+
+    vlm = fresh()
+    wl = get_workload(vlm.default_workload)
+    record("hf_eager", vlm, wl, None, [], warmup=1, lossless=True)
+    ref = fidelity.reference(vlm, wl, new_tokens=wl.new_tokens)
+    results["reference_tokens"] = ref.tokens
+    s, _ = apply(vlm, {"type": "fast_decode"})
+    record("fast_decode_bf16", vlm, wl, ref, ["fast_decode"], s, lossless=True)
+    s, _ = apply(vlm, {"type": "int8"})
+    record("fast_decode_int8", vlm, wl, ref, ["fast_decode", "int8"], s)
+    del vlm
+    vlm = fresh()
+    s1, _ = apply(vlm, {"type": "fast_decode"})
+    s2, _ = apply(vlm, {"type": "int4", "group_size": 128 if not smoke else 32})
+    record("fast_decode_int4", vlm, wl, ref, ["fast_decode", "int4"], s1 + s2)
+    if not skip_peer:
+        del vlm
+        vlm = fresh()
+        vlm.engine = HFGenerate(cache_implementation="static")
+        record("hf_static_compile", vlm, wl, ref, ["(peer) generate cache_implementation=static"], warmup=2,
+               lossless=True)
+    print("done", flush=True)
+
+
+if __name__ == "__main__":
+    main()

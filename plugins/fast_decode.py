@@ -1,0 +1,36 @@
+"""`fast_decode`: replace stage 4's `generate()` with vlopt's own decode loop (`vlopt.engine`):
+static KV cache, eager prefill, compiled `decode_one_token`, replayed as a CUDA graph on GPU.
+Runtime only (nothing in the weights changes); composes with int8/int4 weight passes applied
+before or after it, since the step calls the model's own (possibly quantized) modules."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from vlopt.passes import PassConfig, PassOutcome
+
+
+class Config(PassConfig):
+    type: Literal["fast_decode"] = "fast_decode"
+    compile: bool = True
+    cuda_graph: bool = True                       # ignored on CPU (no graphs there)
+    compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = "default"
+    temperature: float = Field(0.0, ge=0.0, le=5.0)   # 0: greedy
+    lossless: ClassVar[bool] = True               # same math as the baseline; rounding differs
+    once: ClassVar[bool] = True
+
+
+def apply(vlm, cfg: Config, ctx) -> PassOutcome:
+    from vlopt.engine import DecodeEngine
+
+    previous = getattr(vlm.engine, "name", type(vlm.engine).__name__)
+    vlm.engine = DecodeEngine(compile=cfg.compile, cuda_graph=cfg.cuda_graph,
+                              compile_mode=None if cfg.compile_mode == "default" else cfg.compile_mode,
+                              temperature=cfg.temperature)
+    graph = cfg.cuda_graph and vlm.device.type == "cuda"
+    return PassOutcome(touched=[f"{vlm.decoder_prefix}.layers", "lm_head"], skipped=list(vlm.vision_modules),
+                       saved_as="sidecar",
+                       notes=[f"stage-4 engine: {previous} → fast_decode "
+                              f"({'compiled' if cfg.compile else 'eager'}{', CUDA graph' if graph else ''})"])

@@ -1,0 +1,233 @@
+"""A stage-4 decode loop owned by vlopt (gpt-fast style), on the model's own decoder modules.
+
+- static KV cache sized to context + budget (rounded up, so one graph serves a workload);
+- `prefill` (eager: it is compute-bound) and `decode_one_token` (compiled) as separate steps;
+- on CUDA the compiled decode step is captured once as a CUDA graph and replayed per token, so a
+  token costs one graph launch instead of hundreds of kernel launches from Python;
+- tokens stay on the device; the host syncs only every `check_every` tokens to look for EOS.
+
+Weights are never copied: each step calls the HF modules (`q_proj`, `mlp`, norms, `lm_head`), so
+torchao weight-only int8/int4 tensors dispatch to their own kernels inside the compiled step.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+from vlopt.decode import Stage4Result, sync
+
+
+def _rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class StaticCache(torch.nn.Module):
+    def __init__(self, layers: int, kv_heads: int, max_len: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (1, kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.max_len = max_len
+
+
+class DecodeEngine:
+    """`VLModel.engine` replacement. `compile`: torch.compile the decode step; `cuda_graph`: capture it."""
+
+    name = "fast_decode"
+
+    def __init__(self, *, compile: bool = True, cuda_graph: bool = True, compile_mode: str | None = None,
+                 block: int = 256, check_every: int = 8, temperature: float = 0.0, num_layers: int | None = None):
+        self.compile = compile
+        self.cuda_graph = cuda_graph
+        self.compile_mode = compile_mode
+        self.block = block
+        self.check_every = check_every
+        self.temperature = temperature
+        self.num_layers = num_layers       # a draft model uses only the first layers (layer_skip)
+        self.cache: StaticCache | None = None
+        self._vlm = None
+        self._step = None
+        self._graph = None
+        self.compile_s = 0.0
+        self.capture_s = 0.0
+
+    # ---- the model's pieces ---------------------------------------------------------------------
+    def _signature(self, vlm) -> tuple:
+        """Identity of the weights the compiled step and the graph were built on. A later weight
+        pass (int8/int4 after fast_decode) replaces parameter objects, so both are rebuilt."""
+        tm = vlm.text_model
+        params = [*tm.layers[0].parameters(), *tm.layers[-1].parameters(), *vlm.lm_head.parameters()]
+        return (id(vlm), tm.config._attn_implementation, vlm.dtype,
+                tuple((id(p), type(p.data).__name__) for p in params))
+
+    def _bind(self, vlm) -> None:
+        sig = self._signature(vlm)
+        if getattr(self, "_sig", None) != sig:
+            self._sig = sig
+            self._vlm = vlm
+            self.cache = None
+            self._step = None
+            self._graph = None
+        tm = vlm.text_model
+        cfg = tm.config
+        self.layers = list(tm.layers)[: self.num_layers or len(tm.layers)]
+        self.n_heads = cfg.num_attention_heads
+        self.kv_heads = cfg.num_key_value_heads or cfg.num_attention_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+    def _ensure_cache(self, vlm, needed: int) -> None:
+        if self.cache is not None and self.cache.max_len >= needed:
+            return
+        max_len = -(-needed // self.block) * self.block
+        self.cache = StaticCache(len(self.layers), self.kv_heads, max_len, self.head_dim, vlm.dtype, vlm.device)
+        positions = torch.arange(max_len, device=vlm.device)[None]
+        probe = torch.empty(1, dtype=vlm.dtype, device=vlm.device)
+        cos, sin = vlm.text_model.rotary_emb(probe, positions)
+        self.cos, self.sin = cos[0], sin[0]                       # [max_len, head_dim]
+        self.key_positions = torch.arange(max_len, device=vlm.device)
+        self._graph = None                                          # shapes changed: capture again
+
+    # ---- the math ---------------------------------------------------------------------------------
+    def _forward(self, x: torch.Tensor, pos: torch.Tensor, *, causal_prefill: bool) -> torch.Tensor:
+        """x [1, T, hidden] at positions `pos` [T] → final hidden states [1, T, hidden] (normed)."""
+        T = x.shape[1]
+        cos = self.cos[pos][None, None]
+        sin = self.sin[pos][None, None]
+        if causal_prefill:
+            mask = None
+        else:
+            mask = (self.key_positions[None, :] <= pos[:, None])[None, None]    # [1,1,T,max_len]
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = attn.q_proj(h).view(1, T, self.n_heads, self.head_dim).transpose(1, 2)
+            k = attn.k_proj(h).view(1, T, self.kv_heads, self.head_dim).transpose(1, 2)
+            v = attn.v_proj(h).view(1, T, self.kv_heads, self.head_dim).transpose(1, 2)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            kc, vc = self.cache.k[i], self.cache.v[i]
+            kc.index_copy_(2, pos, k)
+            vc.index_copy_(2, pos, v)
+            gqa = self.n_heads != self.kv_heads
+            if causal_prefill:   # positions 0..T-1: attend over what was just written, causally
+                o = F.scaled_dot_product_attention(q, kc[:, :, :T], vc[:, :, :T], is_causal=True, enable_gqa=gqa)
+            else:
+                o = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, enable_gqa=gqa)
+            x = x + attn.o_proj(o.transpose(1, 2).reshape(1, T, self.n_heads * self.head_dim))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self._vlm.text_model.norm(x)
+
+    def _pick(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.temperature <= 0:
+            return logits.argmax(-1)
+        probs = torch.softmax(logits.float() / self.temperature, -1)
+        # Exponential race: argmax(p / E) with E ~ Exp(1) samples from p, and stays graph-capturable.
+        return (probs / torch.empty_like(probs).exponential_(1)).argmax(-1)
+
+    def _decode_one_token(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        x = self._vlm.text_model.embed_tokens(token)[None]          # [1,1,hidden]
+        h = self._forward(x, pos, causal_prefill=False)
+        return self._pick(self._vlm.lm_head(h[:, -1]))[0].reshape(1)
+
+    @torch.no_grad()
+    def prefill(self, vlm, embeds: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Write the prompt's KV and return the first new token [1]."""
+        T = embeds.shape[1]
+        pos = torch.arange(start, start + T, device=vlm.device)
+        h = self._forward(embeds.to(vlm.dtype), pos, causal_prefill=(start == 0))
+        return self._pick(vlm.lm_head(h[:, -1]))[0].reshape(1)
+
+    # ---- compile and capture -------------------------------------------------------------------
+    def _ensure_step(self, vlm) -> None:
+        if self._step is None:
+            if self.compile:
+                kwargs = {"fullgraph": True, "dynamic": False}
+                if self.compile_mode:
+                    kwargs["mode"] = self.compile_mode
+                self._step = torch.compile(self._decode_one_token, **kwargs)
+            else:
+                self._step = self._decode_one_token
+        use_graph = self.cuda_graph and vlm.device.type == "cuda"
+        if use_graph and self._graph is None:
+            self._static_token = torch.zeros(1, dtype=torch.long, device=vlm.device)
+            self._static_pos = torch.zeros(1, dtype=torch.long, device=vlm.device)
+            start = time.perf_counter()
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):     # warm-up (compiles) outside the capture
+                for _ in range(3):
+                    self._step(self._static_token, self._static_pos)
+            torch.cuda.current_stream().wait_stream(stream)
+            sync(vlm.device)
+            self.compile_s += time.perf_counter() - start
+            start = time.perf_counter()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._static_out = self._step(self._static_token, self._static_pos)
+            sync(vlm.device)
+            self.capture_s += time.perf_counter() - start
+            self._graph = graph
+
+    def _run_step(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        if self._graph is not None:
+            self._static_token.copy_(token)
+            self._static_pos.copy_(pos)
+            self._graph.replay()
+            return self._static_out
+        return self._step(token, pos)
+
+    # ---- the engine interface ---------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, vlm, inp, *, new_tokens: int, fixed: bool = True) -> Stage4Result:
+        self._bind(vlm)
+        L = inp.context_tokens
+        self._ensure_cache(vlm, L + new_tokens)
+        first_use = self._step is None or (self._graph is None and self.cuda_graph and vlm.device.type == "cuda")
+        if first_use:
+            start = time.perf_counter()
+            self._ensure_step(vlm)
+            if vlm.device.type != "cuda" and self.compile:   # compile now, not inside the timed loop
+                self._step(torch.zeros(1, dtype=torch.long, device=vlm.device),
+                           torch.tensor([L], device=vlm.device))
+                self.compile_s += time.perf_counter() - start
+        sync(vlm.device)
+        t0 = time.perf_counter()
+        token = self.prefill(vlm, inp.embeds)
+        sync(vlm.device)
+        t1 = time.perf_counter()
+        out = torch.empty(new_tokens, dtype=torch.long, device=vlm.device)
+        out[0] = token[0]
+        pos = torch.tensor([L], device=vlm.device)
+        eos = vlm.eos_token_id
+        produced = 1
+        for i in range(1, new_tokens):
+            token = self._run_step(token, pos)
+            out[i] = token[0]
+            pos += 1
+            produced = i + 1
+            if not fixed and produced % self.check_every == 0 and bool((out[:produced] == eos).any()):
+                break
+        sync(vlm.device)
+        t2 = time.perf_counter()
+        tokens = out[:produced].tolist()
+        if not fixed and eos in tokens:
+            tokens = tokens[: tokens.index(eos) + 1]
+        return Stage4Result(tokens, t1 - t0, t2 - t1, info={
+            "compile_s": self.compile_s, "capture_s": self.capture_s, "cache_len": self.cache.max_len,
+            "cuda_graph": self._graph is not None, "compiled": self.compile})
+
+    @torch.no_grad()
+    def score(self, vlm, inp, tokens: list[int]) -> torch.Tensor:
+        """Teacher-forced logits of `tokens` through this engine's own math (one causal prefill)."""
+        self._bind(vlm)
+        ids = torch.tensor([tokens[:-1]], device=vlm.device)
+        embeds = torch.cat([inp.embeds.to(vlm.dtype), vlm.embed(ids)], dim=1)
+        self._ensure_cache(vlm, embeds.shape[1] + 1)
+        pos = torch.arange(embeds.shape[1], device=vlm.device)
+        h = self._forward(embeds, pos, causal_prefill=True)
+        L = inp.context_tokens
+        return vlm.lm_head(h[0, L - 1: L - 1 + len(tokens)]).float().cpu()
