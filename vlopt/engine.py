@@ -20,6 +20,16 @@ import torch.nn.functional as F
 from vlopt.decode import Stage4Result, sync
 
 
+def _linear(module, x: torch.Tensor, dense: bool) -> torch.Tensor:
+    """`module(x)`, except that for many rows (prefill) a weight-only quantized weight is dequantized
+    first: int4 GEMV kernels (tinygemm) are built for one row and are ~10x slower than a bf16 GEMM at
+    hundreds of rows, while dequantizing a layer costs a pass over its weights."""
+    w = module.weight
+    if dense and type(w) is not torch.nn.Parameter and type(w) is not torch.Tensor and hasattr(w, "dequantize"):
+        return F.linear(x, w.dequantize().to(x.dtype), module.bias)
+    return module(x)
+
+
 def _rotate_half(x):
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -101,12 +111,13 @@ class DecodeEngine:
             mask = None
         else:
             mask = (self.key_positions[None, :] <= pos[:, None])[None, None]    # [1,1,T,max_len]
+        dense = T >= 16
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             h = layer.input_layernorm(x)
-            q = attn.q_proj(h).view(1, T, self.n_heads, self.head_dim).transpose(1, 2)
-            k = attn.k_proj(h).view(1, T, self.kv_heads, self.head_dim).transpose(1, 2)
-            v = attn.v_proj(h).view(1, T, self.kv_heads, self.head_dim).transpose(1, 2)
+            q = _linear(attn.q_proj, h, dense).view(1, T, self.n_heads, self.head_dim).transpose(1, 2)
+            k = _linear(attn.k_proj, h, dense).view(1, T, self.kv_heads, self.head_dim).transpose(1, 2)
+            v = _linear(attn.v_proj, h, dense).view(1, T, self.kv_heads, self.head_dim).transpose(1, 2)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             kc, vc = self.cache.k[i], self.cache.v[i]
@@ -117,8 +128,10 @@ class DecodeEngine:
                 o = F.scaled_dot_product_attention(q, kc[:, :, :T], vc[:, :, :T], is_causal=True, enable_gqa=gqa)
             else:
                 o = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, enable_gqa=gqa)
-            x = x + attn.o_proj(o.transpose(1, 2).reshape(1, T, self.n_heads * self.head_dim))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = x + _linear(attn.o_proj, o.transpose(1, 2).reshape(1, T, self.n_heads * self.head_dim), dense)
+            mlp, h = layer.mlp, layer.post_attention_layernorm(x)
+            x = x + _linear(mlp.down_proj, mlp.act_fn(_linear(mlp.gate_proj, h, dense)) * _linear(mlp.up_proj, h, dense),
+                            dense)
         return self._vlm.text_model.norm(x)
 
     def _pick(self, logits: torch.Tensor) -> torch.Tensor:

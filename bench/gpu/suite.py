@@ -28,6 +28,7 @@ def main() -> None:
 
     model, out_path = sys.argv[1], sys.argv[2]
     skip_peer = "--skip-peer" in sys.argv
+    only = sys.argv[sys.argv.index("--only") + 1].split(",") if "--only" in sys.argv else None
     smoke = "--smoke" in sys.argv      # tiny model on the CPU: checks the script, measures nothing
     preset, device, dtype = ("tiny", "cpu", "float32") if smoke else ("7b", "cuda", "bfloat16")
     samples = 1 if smoke else 3
@@ -47,7 +48,19 @@ def main() -> None:
 
     results = {"model": model, "rows": []}
 
+    def wanted(name):
+        return only is None or name in only or name == "hf_eager"
+
+    def layer_error(vlm):
+        """Relative error of one quantized projection against its bf16 original on random rows:
+        checks the kernel itself, which random-weight logits cannot."""
+        lin = vlm.text_model.layers[0].mlp.down_proj
+        x = torch.randn(4, lin.in_features, device=vlm.device, dtype=vlm.dtype)
+        return ((lin(x) - x @ lin.weight.dequantize().T.to(x.dtype)).norm() / (x @ lin.weight.dequantize().T).norm()).item()
+
     def record(name, vlm, wl, ref, passes, apply_s=0.0, warmup=2, lossless=False):
+        if not wanted(name):
+            return
         t = time.perf_counter()
         res = bench.benchmark(vlm, wl, samples=samples, warmup=warmup)
         wall = time.perf_counter() - t
@@ -69,14 +82,20 @@ def main() -> None:
     results["reference_tokens"] = ref.tokens
     s, _ = apply(vlm, {"type": "fast_decode"})
     record("fast_decode_bf16", vlm, wl, ref, ["fast_decode"], s, lossless=True)
-    s, _ = apply(vlm, {"type": "int8"})
-    record("fast_decode_int8", vlm, wl, ref, ["fast_decode", "int8"], s)
+    if wanted("fast_decode_int8"):
+        s, _ = apply(vlm, {"type": "int8"})
+        record("fast_decode_int8", vlm, wl, ref, ["fast_decode", "int8"], s)
     del vlm
     vlm = fresh()
+    original = vlm.text_model.layers[0].mlp.down_proj.weight.detach().clone()
     s1, _ = apply(vlm, {"type": "fast_decode"})
     s2, _ = apply(vlm, {"type": "int4", "group_size": 128 if not smoke else 32})
+    w = vlm.text_model.layers[0].mlp.down_proj.weight
+    results["int4_weight_rel_error"] = ((w.dequantize().float() - original.float()).norm() / original.float().norm()).item()
+    results["int4_layer_rel_error"] = layer_error(vlm)
+    print("int4 weight / layer-output relative error:", results["int4_weight_rel_error"], results["int4_layer_rel_error"])
     record("fast_decode_int4", vlm, wl, ref, ["fast_decode", "int4"], s1 + s2)
-    if not skip_peer:
+    if not skip_peer and wanted("hf_static_compile"):
         del vlm
         vlm = fresh()
         vlm.engine = HFGenerate(cache_implementation="static")
