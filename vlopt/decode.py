@@ -75,6 +75,7 @@ class HFGenerate:
         return teacher_forced_logits(vlm, inp, tokens)
 
 
+@torch.no_grad()
 def teacher_forced_logits(vlm, inp, tokens: list[int]) -> torch.Tensor:
     """Logits [len(tokens), vocab] (float32, CPU) predicting each of `tokens` given the prompt and the
     tokens before it — one forward through `vlm.hf`, so module-level passes are included."""

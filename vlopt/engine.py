@@ -20,13 +20,23 @@ import torch.nn.functional as F
 from vlopt.decode import Stage4Result, sync
 
 
+_NO_DEQUANTIZE: set[type] = set()   # tensor types whose dequantize() is not implemented
+
+
 def _linear(module, x: torch.Tensor, dense: bool) -> torch.Tensor:
     """`module(x)`, except that for many rows (prefill) a weight-only quantized weight is dequantized
-    first: int4 GEMV kernels (tinygemm) are built for one row and are ~10x slower than a bf16 GEMM at
-    hundreds of rows, while dequantizing a layer costs a pass over its weights."""
+    first: low-bit GEMV kernels are built for one row and slow at hundreds of rows, while
+    dequantizing a layer costs one pass over its weights. Tensor types without `dequantize`
+    (torchao's tile-packed int4, measured: bench/results/h100) keep their own kernel."""
     w = module.weight
-    if dense and type(w) is not torch.nn.Parameter and type(w) is not torch.Tensor and hasattr(w, "dequantize"):
-        return F.linear(x, w.dequantize().to(x.dtype), module.bias)
+    kind = type(w)
+    if dense and kind not in (torch.nn.Parameter, torch.Tensor) and kind not in _NO_DEQUANTIZE:
+        try:
+            dense_w = w.dequantize()
+        except (NotImplementedError, RuntimeError, AttributeError):
+            _NO_DEQUANTIZE.add(kind)
+        else:
+            return F.linear(x, dense_w.to(x.dtype), module.bias)
     return module(x)
 
 

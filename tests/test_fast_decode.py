@@ -1,0 +1,77 @@
+import pytest
+import torch
+
+from vlopt.decode import teacher_forced_logits
+from vlopt.engine import DecodeEngine
+from vlopt.models import get_workload
+from vlopt.plugins import get_registry
+from vlopt.testing import assert_fidelity, run_pass
+
+
+def _inp(vlm):
+    return vlm.run_stages(None, get_workload(vlm.default_workload), "What is here?")
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_engine_logits_equal_transformers_within_1e4(tiny_model, compile):
+    inp = _inp(tiny_model)
+    base = tiny_model.stage4(inp, new_tokens=12)
+    engine = DecodeEngine(compile=compile)
+    result = engine.generate(tiny_model, inp, new_tokens=12)
+    assert len(result.tokens) == 12 and result.info["compiled"] is compile
+    assert result.info["cache_len"] >= inp.context_tokens + 12
+    ref = teacher_forced_logits(tiny_model, inp, base.tokens)
+    assert _rel(engine.score(tiny_model, inp, base.tokens), ref) < 1e-4
+    # The incremental path (KV cache, one token at a time) agrees with the baseline's too: every
+    # greedy token the engine chose is the argmax of the reference logits on its own prefix.
+    own = teacher_forced_logits(tiny_model, inp, result.tokens)
+    assert own.argmax(-1).tolist() == result.tokens
+
+
+def test_natural_length_stops_at_eos(eventgpt):
+    eos = eventgpt.eos_token_id
+    with torch.no_grad():
+        eventgpt.lm_head.weight[eos] = eventgpt.lm_head.weight.abs().max() * 50
+    inp = _inp(eventgpt)
+    natural = DecodeEngine(compile=False, check_every=2).generate(eventgpt, inp, new_tokens=20, fixed=False).tokens
+    assert natural[-1] == eos and eos not in natural[:-1] and len(natural) < 20
+    assert len(DecodeEngine(compile=False).generate(eventgpt, inp, new_tokens=20, fixed=True).tokens) == 20
+
+
+def test_sampling_draws_from_the_distribution(eventgpt):
+    inp = _inp(eventgpt)
+    torch.manual_seed(0)
+    a = DecodeEngine(compile=False, temperature=1.0).generate(eventgpt, inp, new_tokens=16).tokens
+    b = DecodeEngine(compile=False, temperature=1.0).generate(eventgpt, inp, new_tokens=16).tokens
+    greedy = DecodeEngine(compile=False).generate(eventgpt, inp, new_tokens=16).tokens
+    assert a != b or a != greedy                      # randomness reaches the tokens
+    assert all(0 <= t < eventgpt.lm_head.weight.shape[0] for t in a + b)
+
+
+@pytest.mark.slow
+def test_fast_decode_through_the_manager_is_lossless_in_float32():
+    row = run_pass({"type": "fast_decode"}, model="videollava")
+    assert_fidelity(row, min_top1=1.0, max_kl=1e-8, exact_tokens=True)
+    assert row["stage4"]["engine"] == "fast_decode" and row["stage4"]["engine_info"]["compile_s"] > 0
+
+
+def test_a_weight_pass_after_fast_decode_rebuilds_the_step(eventgpt):
+    registry = get_registry()
+    from types import SimpleNamespace
+    for cfg in ({"type": "fast_decode", "compile": False}, {"type": "int8"}):
+        entry = registry.pass_entry(cfg["type"])
+        entry.apply(eventgpt, entry.config.model_validate(cfg), SimpleNamespace(device="cpu"))
+    inp = _inp(eventgpt)
+    tokens = eventgpt.stage4(inp, new_tokens=8).tokens
+    # The engine sees the int8 weights: its logits equal the HF forward of the quantized model.
+    ref = teacher_forced_logits(eventgpt, inp, tokens)
+    assert _rel(eventgpt.engine.score(eventgpt, inp, tokens), ref) < 1e-4
+    assert own_argmax_matches(eventgpt, inp, tokens)
+
+
+def own_argmax_matches(vlm, inp, tokens):
+    return teacher_forced_logits(vlm, inp, tokens).argmax(-1).tolist() == tokens

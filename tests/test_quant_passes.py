@@ -1,0 +1,93 @@
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import vlopt
+from vlopt.decode import teacher_forced_logits
+from vlopt.errors import VloptError
+from vlopt.models import get_workload
+from vlopt.plugins import get_registry
+from vlopt.testing import assert_fidelity, run_pass, run_recipe
+
+
+def _apply(vlm, cfg):
+    entry = get_registry().pass_entry(cfg["type"])
+    return entry.apply(vlm, entry.config.model_validate(cfg), SimpleNamespace(device="cpu"))
+
+
+def _logits(vlm):
+    wl = get_workload(vlm.default_workload)
+    return teacher_forced_logits(vlm, vlm.run_stages(None, wl, "q"), [7, 8, 9, 10])
+
+
+@pytest.mark.parametrize("cfg,max_kl", [
+    ({"type": "int8"}, 1e-4),
+    ({"type": "int4", "group_size": 32}, 5e-3),
+    ({"type": "int8", "backend": "bitsandbytes"}, 1e-3),
+    ({"type": "int4", "backend": "bitsandbytes", "compute_dtype": "float32"}, 5e-3),
+])
+@pytest.mark.parametrize("model", ["eventgpt", "videollava"])
+def test_quantization_touches_the_decoder_only_with_bounded_error(model, cfg, max_kl):
+    row = run_pass(cfg, model=model)
+    assert_fidelity(row, min_top1=0.5, max_kl=max_kl)
+    assert row["fidelity"]["mean_kl"] > 0          # it did change the numerics
+    touched = row["modules_touched"]
+    assert len(touched) == 4 * 7 and all(".layers." in n for n in touched)   # 4 layers × q,k,v,o,gate,up,down
+    assert "lm_head" in row["modules_skipped"]
+    assert any(("tower" in n or "projector" in n) for n in row["modules_skipped"])
+    if cfg.get("backend") == "bitsandbytes":
+        assert any("memory pass" in n and "slower than bf16" in n for n in row["notes"])
+
+
+def test_quantized_types_are_where_the_selection_says(eventgpt):
+    _apply(eventgpt, {"type": "int8", "targets": ["re:.*mlp\\..*"]})
+    layer = eventgpt.text_model.layers[0]
+    assert type(layer.mlp.gate_proj.weight).__name__ == "Int8Tensor"
+    assert type(layer.self_attn.q_proj.weight) is torch.nn.Parameter and type(layer.self_attn.q_proj.weight.data) is torch.Tensor
+    assert type(eventgpt.lm_head.weight.data) is torch.Tensor
+    assert type(eventgpt.hf.model.visual_projector[0].weight.data) is torch.Tensor
+
+
+def test_a_selection_that_matches_nothing_is_explained(eventgpt):
+    with pytest.raises(VloptError, match="select no Linear modules.*model.layers.0.self_attn.q_proj"):
+        _apply(eventgpt, {"type": "int8", "targets": ["re:.*attn_proj.*"]})
+
+
+def test_int8_torchao_checkpoint_holds_quantized_weights(tmp_path):
+    result = run_recipe({"model": {"name": "videollava", "dtype": "float32", "device": "cpu"},
+                         "benchmark": {"samples": 1, "warmup": 0, "new_tokens": 4},
+                         "passes": [{"type": "int8"}]}, tmp_path, output=True)
+    assert result.report["passes"][0]["saved_as"] == "weights"
+    loaded = vlopt.load(result.output, device="cpu")
+    w = loaded.text_model.layers[0].self_attn.q_proj.weight
+    assert type(w).__name__ == "Int8Tensor"
+    from vlopt.models import load_model
+    fresh = load_model("videollava", dtype="float32", device="cpu")
+    _apply(fresh, {"type": "int8"})
+    torch.testing.assert_close(_logits(loaded), _logits(fresh), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cfg", [{"type": "int4", "group_size": 32},
+                                 {"type": "int8", "backend": "bitsandbytes"}])
+def test_passes_the_checkpoint_cannot_hold_are_reapplied_on_load(tmp_path, cfg):
+    result = run_recipe({"model": {"name": "eventgpt", "dtype": "float32", "device": "cpu"},
+                         "benchmark": {"samples": 1, "warmup": 0, "new_tokens": 4},
+                         "passes": [cfg]}, tmp_path, output=True)
+    row = result.report["passes"][0]
+    assert row["saved_as"] == "sidecar"
+    from safetensors import safe_open
+    with safe_open(str(result.output / "model.safetensors"), "pt") as f:
+        assert f.get_slice("model.layers.0.self_attn.q_proj.weight").get_dtype() == "F32"   # unquantized kept
+    loaded = vlopt.load(result.output, device="cpu")
+    assert type(loaded.text_model.layers[0].self_attn.q_proj).__name__ != "Linear" or \
+        type(loaded.text_model.layers[0].self_attn.q_proj.weight.data) is not torch.Tensor
+    from vlopt.models import load_model
+    fresh = load_model("eventgpt", dtype="float32", device="cpu")
+    _apply(fresh, cfg)
+    torch.testing.assert_close(_logits(loaded), _logits(fresh), rtol=1e-6, atol=1e-6)
+
+
+def test_quantizing_twice_is_a_recipe_conflict(tmp_path):
+    with pytest.raises(VloptError, match="repeats 'int4'.*may appear once"):
+        run_recipe({"model": {"name": "eventgpt"}, "passes": [{"type": "int4"}, {"type": "int4"}]}, tmp_path)
