@@ -91,13 +91,16 @@ def benchmark(vlm, workload: Workload, *, samples: int = 3, warmup: int = 1, new
     from vlopt.machine import machine_info
 
     new_tokens = new_tokens or workload.new_tokens
+    if questions is None and workload.questions > 1:
+        from vlopt.models.tokenizer import QUESTIONS
+        questions = QUESTIONS[: workload.questions]
     questions = questions or [DEFAULT_QUESTION]
     for i in range(warmup):
         run_sample(vlm, workload, input_path=input_path, new_tokens=new_tokens, fixed=fixed,
                    question=questions[i % len(questions)])
     _peak_reset(vlm.device)
     runs = [run_sample(vlm, workload, input_path=input_path, new_tokens=new_tokens, fixed=fixed,
-                       question=questions[i % len(questions)]) for i in range(samples)]
+                       question=questions[(warmup + i) % len(questions)]) for i in range(samples)]
     peak_mb, peak_kind = _peak_mb(vlm.device)
 
     prefill = [r["result"].prefill_s for r in runs]

@@ -19,6 +19,48 @@ def sync(device) -> None:
 
 
 @dataclass
+class StopRule:
+    """End the answer early: force EOS once P(EOS) ≥ `eos_threshold`, and/or after `max_sentences`
+    sentence-ending tokens. Honoured by every engine in natural-length mode."""
+
+    eos_threshold: float | None = None
+    max_sentences: int | None = None
+    sentence_end_ids: tuple[int, ...] = ()
+
+    def sentences_done(self, tokens: list[int]) -> int | None:
+        """Index after which the sentence budget is spent, or None."""
+        if not self.max_sentences:
+            return None
+        seen = 0
+        for i, t in enumerate(tokens):
+            if t in self.sentence_end_ids:
+                seen += 1
+                if seen >= self.max_sentences:
+                    return i
+        return None
+
+
+class _StopRuleProcessor:
+    """transformers logits processor applying a `StopRule` (generate calls it once per step)."""
+
+    def __init__(self, rule: StopRule, eos: int, prompt_len: int):
+        self.rule, self.eos, self.prompt_len = rule, eos, prompt_len
+
+    def __call__(self, input_ids, scores):
+        force = torch.zeros(scores.shape[0], dtype=torch.bool, device=scores.device)
+        if self.rule.eos_threshold is not None:
+            force |= torch.softmax(scores.float(), -1)[:, self.eos] >= self.rule.eos_threshold
+        done = self.rule.sentences_done(input_ids[0, self.prompt_len:].tolist())
+        if done is not None:
+            force[:] = True
+        if force.any():
+            scores = scores.clone()
+            scores[force] = float("-inf")
+            scores[force, self.eos] = 0.0
+        return scores
+
+
+@dataclass
 class Stage4Result:
     tokens: list[int]          # the new tokens only
     prefill_s: float           # prompt forward → first token
@@ -58,13 +100,17 @@ class HFGenerate:
     @torch.no_grad()
     def generate(self, vlm, inp, *, new_tokens: int, fixed: bool = True) -> Stage4Result:
         clock = _StepClock(vlm.device)
+        extra = dict(self.generate_kwargs)
+        if vlm.stop_rule is not None and not fixed:
+            from transformers import LogitsProcessorList
+            extra["logits_processor"] = LogitsProcessorList([_StopRuleProcessor(vlm.stop_rule, vlm.eos_token_id, 0)])
         sync(vlm.device)
         start = time.perf_counter()
         out = vlm.hf.generate(
             inputs_embeds=inp.embeds, attention_mask=inp.attention_mask, max_new_tokens=new_tokens,
             min_new_tokens=new_tokens if fixed else 0, do_sample=False, num_beams=1,
             pad_token_id=vlm.tokenizer.pad_token_id, eos_token_id=vlm.eos_token_id,
-            streamer=clock, **self.generate_kwargs)
+            streamer=clock, **extra)
         sync(vlm.device)
         end = time.perf_counter()
         first = clock.stamps[0] if clock.stamps else end

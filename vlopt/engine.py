@@ -74,6 +74,9 @@ class DecodeEngine:
         self._graph = None
         self.compile_s = 0.0
         self.capture_s = 0.0
+        self.eos_threshold = None          # set from VLModel.stop_rule at each natural-length call
+        self.reuse_prefix = False          # feature_cache scope "prefix": keep the shared prompt KV
+        self._prev_prompt = None
 
     # ---- the model's pieces ---------------------------------------------------------------------
     def _signature(self, vlm) -> tuple:
@@ -95,6 +98,7 @@ class DecodeEngine:
         tm = vlm.text_model
         cfg = tm.config
         self.layers = list(tm.layers)[: self.num_layers or len(tm.layers)]
+        self.eos_id = vlm.eos_token_id
         self.n_heads = cfg.num_attention_heads
         self.kv_heads = cfg.num_key_value_heads or cfg.num_attention_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -102,6 +106,7 @@ class DecodeEngine:
     def _ensure_cache(self, vlm, needed: int) -> None:
         if self.cache is not None and self.cache.max_len >= needed:
             return
+        self._prev_prompt = None
         max_len = -(-needed // self.block) * self.block
         self.cache = StaticCache(len(self.layers), self.kv_heads, max_len, self.head_dim, vlm.dtype, vlm.device)
         positions = torch.arange(max_len, device=vlm.device)[None]
@@ -112,8 +117,10 @@ class DecodeEngine:
         self._graph = None                                          # shapes changed: capture again
 
     # ---- the math ---------------------------------------------------------------------------------
-    def _forward(self, x: torch.Tensor, pos: torch.Tensor, *, causal_prefill: bool) -> torch.Tensor:
-        """x [1, T, hidden] at positions `pos` [T] → final hidden states [1, T, hidden] (normed)."""
+    def _forward(self, x: torch.Tensor, pos: torch.Tensor, *, causal_prefill: bool,
+                 num_layers: int | None = None) -> torch.Tensor:
+        """x [1, T, hidden] at positions `pos` [T] → final hidden states [1, T, hidden] (normed),
+        through the first `num_layers` layers (all by default)."""
         T = x.shape[1]
         cos = self.cos[pos][None, None]
         sin = self.sin[pos][None, None]
@@ -122,7 +129,7 @@ class DecodeEngine:
         else:
             mask = (self.key_positions[None, :] <= pos[:, None])[None, None]    # [1,1,T,max_len]
         dense = T >= 16
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self.layers[:num_layers]):
             attn = layer.self_attn
             h = layer.input_layernorm(x)
             q = _linear(attn.q_proj, h, dense).view(1, T, self.n_heads, self.head_dim).transpose(1, 2)
@@ -146,10 +153,15 @@ class DecodeEngine:
 
     def _pick(self, logits: torch.Tensor) -> torch.Tensor:
         if self.temperature <= 0:
-            return logits.argmax(-1)
-        probs = torch.softmax(logits.float() / self.temperature, -1)
-        # Exponential race: argmax(p / E) with E ~ Exp(1) samples from p, and stays graph-capturable.
-        return (probs / torch.empty_like(probs).exponential_(1)).argmax(-1)
+            token = logits.argmax(-1)
+        else:
+            probs = torch.softmax(logits.float() / self.temperature, -1)
+            # Exponential race: argmax(p / E) with E ~ Exp(1) samples from p, and stays graph-capturable.
+            token = (probs / torch.empty_like(probs).exponential_(1)).argmax(-1)
+        if self.eos_threshold is not None:
+            p_eos = torch.softmax(logits.float(), -1)[..., self.eos_id]
+            token = torch.where(p_eos >= self.eos_threshold, torch.full_like(token, self.eos_id), token)
+        return token
 
     def _decode_one_token(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         x = self._vlm.text_model.embed_tokens(token)[None]          # [1,1,hidden]
@@ -206,7 +218,13 @@ class DecodeEngine:
     # ---- the engine interface ---------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, vlm, inp, *, new_tokens: int, fixed: bool = True) -> Stage4Result:
+        if self._signature(vlm) != getattr(self, "_sig", None):
+            self._prev_prompt = None              # new weights: cached prefix KV is stale
         self._bind(vlm)
+        rule = None if fixed else vlm.stop_rule
+        threshold = rule.eos_threshold if rule else None
+        if threshold != self.eos_threshold:       # part of the compiled step: rebuild it
+            self.eos_threshold, self._step, self._graph = threshold, None, None
         L = inp.context_tokens
         self._ensure_cache(vlm, L + new_tokens)
         first_use = self._step is None or (self._graph is None and self.cuda_graph and vlm.device.type == "cuda")
@@ -219,7 +237,10 @@ class DecodeEngine:
                 self.compile_s += time.perf_counter() - start
         sync(vlm.device)
         t0 = time.perf_counter()
-        token = self.prefill(vlm, inp.embeds)
+        reused = self._common_prefix(inp.embeds) if self.reuse_prefix else 0
+        token = self.prefill(vlm, inp.embeds[:, reused:], start=reused)
+        if self.reuse_prefix:
+            self._prev_prompt = inp.embeds.detach()
         sync(vlm.device)
         t1 = time.perf_counter()
         out = torch.empty(new_tokens, dtype=torch.long, device=vlm.device)
@@ -232,16 +253,33 @@ class DecodeEngine:
             out[i] = token[0]
             pos += 1
             produced = i + 1
-            if not fixed and produced % self.check_every == 0 and bool((out[:produced] == eos).any()):
-                break
+            if not fixed and produced % self.check_every == 0:
+                seen = out[:produced].tolist()
+                if eos in seen or (rule is not None and rule.sentences_done(seen) is not None):
+                    break
         sync(vlm.device)
         t2 = time.perf_counter()
         tokens = out[:produced].tolist()
+        if rule is not None and (cut := rule.sentences_done(tokens)) is not None:
+            tokens = tokens[: cut + 1] + [eos]
         if not fixed and eos in tokens:
             tokens = tokens[: tokens.index(eos) + 1]
         return Stage4Result(tokens, t1 - t0, t2 - t1, info={
             "compile_s": self.compile_s, "capture_s": self.capture_s, "cache_len": self.cache.max_len,
-            "cuda_graph": self._graph is not None, "compiled": self.compile})
+            "cuda_graph": self._graph is not None, "compiled": self.compile, "prefix_reused": reused})
+
+    def _common_prefix(self, embeds: torch.Tensor) -> int:
+        """Rows at the start of this prompt identical to the previous prompt's, whose KV is still in
+        the cache (decode only writes at positions past the previous prompt). At least one row is
+        always recomputed, so prefill has a last position to predict from."""
+        prev = self._prev_prompt
+        if prev is None or prev.shape[-1] != embeds.shape[-1]:
+            return 0
+        n = min(prev.shape[1], embeds.shape[1]) - 1
+        if n <= 0:
+            return 0
+        same = (prev[0, :n] == embeds[0, :n]).all(-1)
+        return int(n if bool(same.all()) else int(same.long().argmin()))
 
     @torch.no_grad()
     def score(self, vlm, inp, tokens: list[int]) -> torch.Tensor:
@@ -250,7 +288,69 @@ class DecodeEngine:
         ids = torch.tensor([tokens[:-1]], device=vlm.device)
         embeds = torch.cat([inp.embeds.to(vlm.dtype), vlm.embed(ids)], dim=1)
         self._ensure_cache(vlm, embeds.shape[1] + 1)
+        self._prev_prompt = None                  # score overwrites the cache from position 0
         pos = torch.arange(embeds.shape[1], device=vlm.device)
         h = self._forward(embeds, pos, causal_prefill=True)
         L = inp.context_tokens
         return vlm.lm_head(h[0, L - 1: L - 1 + len(tokens)]).float().cpu()
+
+
+class SelfSpeculativeEngine(DecodeEngine):
+    """LayerSkip-style self-speculative greedy decoding on the same static cache: the first
+    `draft_layers` layers (+ final norm + lm_head) draft `draft_tokens` tokens one by one; the full
+    model verifies them in one forward over [last token, drafts] and keeps the agreeing run plus its
+    own next token. Draft layers write the same KV the full model would for accepted positions;
+    rejected positions are masked out (their key position lies beyond every later query) and
+    overwritten. The output is the full model's greedy output. Eager (no graph): the accepted length
+    varies per step."""
+
+    name = "layer_skip"
+
+    def __init__(self, *, draft_layers: int, draft_tokens: int):
+        super().__init__(compile=False, cuda_graph=False)
+        self.draft_layers = draft_layers
+        self.draft_tokens = draft_tokens
+
+    @torch.no_grad()
+    def generate(self, vlm, inp, *, new_tokens: int, fixed: bool = True) -> Stage4Result:
+        self._bind(vlm)
+        L = inp.context_tokens
+        n = self.draft_tokens
+        self._ensure_cache(vlm, L + new_tokens + n + 1)
+        dev, eos = vlm.device, vlm.eos_token_id
+        embed, head = vlm.text_model.embed_tokens, vlm.lm_head
+        sync(dev)
+        t0 = time.perf_counter()
+        token = self.prefill(vlm, inp.embeds)
+        sync(dev)
+        t1 = time.perf_counter()
+        out, pos, verifies, accepted_total = [int(token)], L, 0, 0
+        while len(out) < new_tokens and (fixed or eos not in out):
+            drafts, t, p = [], token, pos
+            for _ in range(n):
+                h = self._forward(embed(t)[None], torch.tensor([p], device=dev), causal_prefill=False,
+                                  num_layers=self.draft_layers)
+                t = head(h[:, -1]).argmax(-1)
+                drafts.append(t)
+                p += 1
+            seq = torch.cat([token, *drafts])
+            h = self._forward(embed(seq)[None], torch.arange(pos, pos + n + 1, device=dev), causal_prefill=False)
+            preds = head(h[0]).argmax(-1).tolist()
+            drafted = torch.cat(drafts).tolist()
+            m = 0
+            while m < n and drafted[m] == preds[m]:
+                m += 1
+            out += drafted[:m] + [preds[m]]
+            token = torch.tensor([preds[m]], device=dev)
+            pos += m + 1
+            verifies += 1
+            accepted_total += m
+        sync(dev)
+        t2 = time.perf_counter()
+        tokens = out[:new_tokens]
+        if not fixed and eos in tokens:
+            tokens = tokens[: tokens.index(eos) + 1]
+        return Stage4Result(tokens, t1 - t0, t2 - t1, info={
+            "verify_forwards": verifies, "acceptance_rate": accepted_total / max(1, verifies * n),
+            "tokens_per_verify": (len(out) - 1) / max(1, verifies), "draft_layers": self.draft_layers,
+            "draft_tokens": n})

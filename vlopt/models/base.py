@@ -81,6 +81,9 @@ class VLModel:
         self.source = source          # how it was built: {"preset": ...} or {"path": ...}
         self.engine = HFGenerate()    # stage 4; a decode-engine pass replaces it
         self.vision = None            # optional cache in front of stages 1–3 (feature_cache)
+        self.stop_rule = None         # optional early end of the answer (early_stop); engines honour it
+        self.feature_filters = []     # (vlm, prepared, feats) -> feats, e.g. visual-token pruning
+        self.need_cls_attention = False   # features() also records each row's CLS-attention score
 
     # ---- stages 1–3, per model ------------------------------------------------------------------
     def load_input(self, path: str | None, workload: Workload) -> Any:
@@ -91,9 +94,35 @@ class VLModel:
         """Stage 2: raw input → pixel tensors on the device, prompt → ids."""
         raise NotImplementedError
 
+    def prompt(self, question: str, workload: Workload) -> dict:
+        """The text half of stage 2: prompt ids (with placeholders) and what `assemble` needs."""
+        raise NotImplementedError
+
+    def features(self, prepared: dict) -> torch.Tensor:
+        """Stage 3's vision half: [rows, hidden] visual features (question-independent)."""
+        raise NotImplementedError
+
+    def assemble(self, prepared: dict, feats: torch.Tensor) -> Stage4Input:
+        """Stage 3's text half: splice `feats` into the prompt embeddings."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def visual(self, prepared: dict) -> torch.Tensor:
+        """Visual rows after every feature filter (what a feature cache stores)."""
+        feats = self.features(prepared)
+        for keep_rows in self.feature_filters:
+            feats = keep_rows(self, prepared, feats)
+        return feats
+
+    @property
+    def feature_tag(self) -> str:
+        """Names the filters, so cached features are keyed by what produced them."""
+        return "|".join(getattr(f, "tag", type(f).__name__) for f in self.feature_filters)
+
+    @torch.no_grad()
     def encode(self, prepared: dict) -> Stage4Input:
         """Stage 3: vision encoder → projector (→ adaptor, pooling) → spliced into embeddings."""
-        raise NotImplementedError
+        return self.assemble(prepared, self.visual(prepared))
 
     # ---- the decoder, the same for both models ----------------------------------------------------
     @property

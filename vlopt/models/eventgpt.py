@@ -57,13 +57,18 @@ class EventGPTForCausalLM(LlamaForCausalLM):
         self.model.feature_adaptor = nn.Linear(config.hidden_size, config.hidden_size)
         self.post_init()
 
-    def encode_frames(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[T,3,S,S] → pooled features [T + P + 1, hidden] (P patches, CLS kept)."""
-        out = self.model.visual_tower(pixel_values)
+    def encode_frames(self, pixel_values: torch.Tensor, cls_attention: bool = False):
+        """[T,3,S,S] → pooled features [T + P + 1, hidden] (P patches, CLS kept). With
+        `cls_attention`, also the last layer's CLS attention to each position, averaged over
+        frames and heads ([P + 1])."""
+        out = self.model.visual_tower(pixel_values, output_attentions=cls_attention)
         feats = self.model.feature_adaptor(self.model.visual_projector(out.last_hidden_state))
         temporal = feats.mean(dim=1)        # one row per frame
         spatial = feats.mean(dim=0)         # one row per patch position (CLS included)
-        return torch.cat([temporal, spatial], dim=0)
+        pooled = torch.cat([temporal, spatial], dim=0)
+        if not cls_attention:
+            return pooled
+        return pooled, out.attentions[-1][:, :, 0, :].float().mean(dim=(0, 1))
 
 
 def register_auto_classes() -> None:
@@ -123,7 +128,10 @@ class EventGPT(VLModel):
 
         frames = render_frames(raw, workload.frames)
         pixels = clip_preprocess(frames, self.image_size).to(self.device, self.vision_dtype)
-        return {"pixel_values": pixels, "input_ids": self.prompt_ids(question)}
+        return {**self.prompt(question, workload), "pixel_values": pixels}
+
+    def prompt(self, question: str, workload: Workload) -> dict:
+        return {"input_ids": self.prompt_ids(question)}
 
     def prompt_ids(self, question: str) -> list[int]:
         """The original `tokenizer_event_token`: tokenize the text around `<event>`, join with −200."""
@@ -132,9 +140,20 @@ class EventGPT(VLModel):
         return ids + [EVENT_TOKEN_INDEX] + self.tokenizer(after, add_special_tokens=False).input_ids
 
     @torch.no_grad()
-    def encode(self, prepared: dict) -> Stage4Input:
-        feats = self.hf.encode_frames(prepared["pixel_values"]).to(self.dtype)
-        return splice(self, prepared["input_ids"], feats)
+    def features(self, prepared: dict) -> torch.Tensor:
+        if not self.need_cls_attention:
+            return self.hf.encode_frames(prepared["pixel_values"])
+        feats, cls = self.hf.encode_frames(prepared["pixel_values"], cls_attention=True)
+        frames = feats.shape[0] - cls.shape[0]
+        inf = torch.full((frames,), float("inf"), device=cls.device)
+        cls = cls.clone()
+        cls[0] = float("inf")                      # the CLS row itself is always kept
+        prepared["row_scores"] = torch.cat([inf, cls])
+        prepared["row_groups"] = torch.cat([torch.full((frames,), -1), torch.zeros(cls.shape[0], dtype=torch.long)])
+        return feats
+
+    def assemble(self, prepared: dict, feats: torch.Tensor) -> Stage4Input:
+        return splice(self, prepared["input_ids"], feats.to(self.dtype))
 
 
 def splice(vlm: EventGPT, ids: list[int], feats: torch.Tensor) -> Stage4Input:

@@ -94,30 +94,51 @@ class VideoLLaVA(VLModel):
         kind = workload.input_kind
         frames = raw[:1] if kind == "image" else sample_uniform(raw, workload.frames)
         pixels = clip_preprocess(frames, self.image_size).to(self.device, self.vision_dtype)
-        return {"kind": kind, "pixels": pixels, "input_ids": self.prompt_ids(kind, question, len(frames))}
+        return {**self.prompt(question, workload), "pixels": pixels}
 
-    def prompt_ids(self, kind: str, question: str, frames: int) -> list[int]:
-        """Prompt ids with the placeholder expanded to one id per visual row."""
+    def prompt(self, question: str, workload: Workload) -> dict:
+        frames = 1 if workload.input_kind == "image" else workload.frames
+        return {"kind": workload.input_kind, "question": question,
+                "input_ids": self.prompt_ids(workload.input_kind, question, frames)}
+
+    def prompt_ids(self, kind: str, question: str, frames: int, rows: int | None = None) -> list[int]:
+        """Prompt ids with the placeholder expanded to one id per visual row (`rows` when pruned)."""
         cfg = self.hf.config
         placeholder = "<image>" if kind == "image" else "<video>"
         token_id = cfg.image_token_index if kind == "image" else cfg.video_token_index
         before, after = PROMPT[kind].format(question=question).split(placeholder)
-        return (self.tokenizer(before).input_ids + [token_id] * self.visual_rows(kind, frames)
+        rows = self.visual_rows(kind, frames) if rows is None else rows
+        return (self.tokenizer(before).input_ids + [token_id] * rows
                 + self.tokenizer(after, add_special_tokens=False).input_ids)
 
     @torch.no_grad()
-    def visual_features(self, prepared: dict) -> torch.Tensor:
+    def features(self, prepared: dict) -> torch.Tensor:
         """Towers → projector: [rows, hidden] in the order the placeholders appear."""
         m = self.hf.model
+        attn = {"output_attentions": True} if self.need_cls_attention else {}
         if prepared["kind"] == "image":
-            out = m.get_image_features(pixel_values=prepared["pixels"], return_dict=True)
+            out = m.get_image_features(pixel_values=prepared["pixels"], return_dict=True, **attn)
         else:
-            out = m.get_video_features(pixel_values_videos=prepared["pixels"][None], return_dict=True)
-        return out.pooler_output.reshape(-1, out.pooler_output.shape[-1])
+            out = m.get_video_features(pixel_values_videos=prepared["pixels"][None], return_dict=True, **attn)
+        feats = out.pooler_output.reshape(-1, out.pooler_output.shape[-1])
+        if self.need_cls_attention:
+            # The features come from layer −2, whose attention map is attentions[−2]: [T, heads, P+1, P+1].
+            cls = out.attentions[self.hf.config.vision_feature_layer][:, :, 0, :].float().mean(1)   # [T, P+1]
+            if prepared["kind"] == "image":
+                cls = cls[:, 1:]                   # the image path drops CLS
+            else:
+                cls = cls.clone()
+                cls[:, 0] = float("inf")           # keep each frame's CLS row
+            prepared["row_scores"] = cls.reshape(-1)
+            prepared["row_groups"] = torch.arange(cls.shape[0]).repeat_interleave(cls.shape[1])
+        return feats
 
-    @torch.no_grad()
-    def encode(self, prepared: dict) -> Stage4Input:
-        return self.splice(prepared["input_ids"], prepared["kind"], self.visual_features(prepared))
+    def assemble(self, prepared: dict, feats: torch.Tensor) -> Stage4Input:
+        ids = prepared["input_ids"]
+        if ids.count(self.hf.config.video_token_index if prepared["kind"] == "video"
+                     else self.hf.config.image_token_index) != feats.shape[0]:   # pruned rows
+            ids = self.prompt_ids(prepared["kind"], prepared["question"], 0, rows=feats.shape[0])
+        return self.splice(ids, prepared["kind"], feats)
 
     def splice(self, ids: list[int], kind: str, feats: torch.Tensor) -> Stage4Input:
         cfg = self.hf.config
