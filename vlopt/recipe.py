@@ -102,7 +102,8 @@ def _explain(err: ValidationError, node, prefix: tuple = (), allowed: dict | Non
     lines = []
     for e in err.errors():
         loc = prefix + tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-        key = ".".join(str(p) for p in loc) or "(top level)"
+        # Escape control characters so a key like "\n" cannot break the one-line message.
+        key = ".".join(str(p) for p in loc).encode("unicode_escape").decode("ascii") or "(top level)"
         line = _line_of(node, loc)
         where = f" (line {line})" if line else ""
         if e["type"] == "extra_forbidden":
