@@ -46,8 +46,12 @@ class Registry:
 
     def pass_entry(self, type_name: str) -> PassEntry:
         if type_name not in self.passes:
-            raise VloptError(f"unknown pass type '{type_name}'; known: {sorted(self.passes)}")
+            raise VloptError(f"unknown pass type '{type_name}'; known: {sorted(self.passes)}{self.broken_note()}")
         return self.passes[type_name]
+
+    def broken_note(self) -> str:
+        broken = [f"{p.name} ({p.error})" for p in self.plugins if p.error]
+        return f"; plugins that failed to load: {'; '.join(broken)}" if broken else ""
 
 
 def _allowed() -> set[str] | None:
@@ -93,8 +97,10 @@ def build_registry(extra: list[tuple[str, Any]] = ()) -> Registry:
             pm.register(obj, name=name)
             pm.check_pending()
         except pluggy.PluginValidationError as err:
-            info.error = f"invalid hook implementation: {err}"
-            continue
+            # A misspelled or mis-signed hook would silently never run: refuse it.
+            raise VloptError(f"plugin '{name}' has an invalid hook implementation: {err}; hooks are "
+                             f"{', '.join(sorted(h for h in dir(hookspecs) if h.startswith('register_')))}. "
+                             "Fix the plugin or leave it out with VLOPT_LOAD_PLUGINS") from None
         info.hooks = sorted(h.name for h in pm.get_hookcallers(obj) or [])
 
         def register_pass(config, apply, _name=name, _version=version, _info=info):

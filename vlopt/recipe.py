@@ -141,7 +141,7 @@ def load_recipe(path: str | Path, registry=None) -> tuple[Recipe, list]:
                              f"known types: {', '.join(sorted(registry.passes))}")
         if entry["type"] not in registry.passes:
             raise VloptError(f"recipe {path}: passes[{i}] (line {line}): unknown pass type {entry['type']!r}; "
-                             f"known types: {', '.join(sorted(registry.passes))}")
+                             f"known types: {', '.join(sorted(registry.passes))}{registry.broken_note()}")
         cls = registry.passes[entry["type"]].config
         try:
             configs.append(cls.model_validate(entry))
