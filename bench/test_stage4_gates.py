@@ -1,0 +1,121 @@
+"""Stage-4 regression gates: every pass (and each shipped recipe's chain) on each workload.
+
+The timed function runs stage 4 (or stages 1–4 for feature_cache) once, device synchronized inside.
+pytest-benchmark times the optimized model with `benchmark.pedantic`; the baseline of the same model
+is timed in the same process just before, and the ratio is gated against bench/minimums.yaml."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from gates import check_gate, timed
+
+CASES = [  # (gate name, pass chain, what is timed)
+    ("fast_decode", [{"type": "fast_decode"}], "stage4"),
+    ("feature_cache", [{"type": "feature_cache", "scope": "request"}], "stages"),
+    ("int8", [{"type": "int8"}], "stage4"),
+    ("int4", [{"type": "int4", "group_size": 32}], "stage4"),
+    ("int8_bitsandbytes", [{"type": "int8", "backend": "bitsandbytes"}], "stage4"),
+    ("int4_bitsandbytes", [{"type": "int4", "backend": "bitsandbytes", "compute_dtype": "float32"}], "stage4"),
+    ("prune_visual", [{"type": "prune_visual", "keep": 0.5}], "stages"),
+    ("layer_skip", [{"type": "layer_skip", "draft_layers": 2, "draft_tokens": 3}], "stage4"),
+    ("early_stop", [{"type": "early_stop", "eos_threshold": 0.5}], "stage4"),
+]
+GPU_CASES = {"fast_decode", "feature_cache"}
+
+
+def _setup(model: str, chain: list[dict], gpu: bool):
+    from vlopt.models import get_workload, load_model
+    from vlopt.plugins import get_registry
+
+    vlm = load_model(model, preset="7b" if gpu else "tiny", dtype="bfloat16" if gpu else "float32",
+                     device="cuda" if gpu else "cpu")
+    wl = get_workload(vlm.default_workload)
+    return vlm, wl, get_registry()
+
+
+def _apply(vlm, registry, chain):
+    for cfg in chain:
+        entry = registry.pass_entry(cfg["type"])
+        entry.apply(vlm, entry.config.model_validate(cfg), SimpleNamespace(device=str(vlm.device), workload=None))
+
+
+def measure(model, chain, what, *, gpu, rounds, benchmark=None, slow_down=None):
+    """(baseline seconds, optimized seconds, extra info) for one gate, both sides in this process."""
+    from vlopt.bench import decode_step_bytes
+    from vlopt.decode import sync
+
+    vlm, wl, registry = _setup(model, chain, gpu)
+    tokens = wl.new_tokens if gpu else 16
+    fixed = chain[0]["type"] != "early_stop"
+    if what == "stages":
+        def run():
+            inp = vlm.run_stages(None, wl, "What is here?")
+            return vlm.stage4(inp, new_tokens=tokens, fixed=fixed)
+    else:
+        inp = vlm.run_stages(None, wl, "What is here?")
+
+        def run():
+            return vlm.stage4(inp, new_tokens=tokens, fixed=fixed)
+    device_sync = lambda: sync(vlm.device)  # noqa: E731
+    base = timed(run, rounds=rounds, sync=device_sync)
+    _apply(vlm, registry, chain)
+    if slow_down is not None:
+        slow_down(vlm)
+    run()                                   # compile / capture / fill caches outside the timing
+    if benchmark is not None:
+        def once():
+            result = run()
+            device_sync()
+            return result
+        result = benchmark.pedantic(once, rounds=rounds, warmup_rounds=1, iterations=1)
+        optimized = benchmark.stats.stats.median
+    else:
+        optimized = timed(run, rounds=rounds, sync=device_sync)
+        result = run()
+    per_token = result.decode_s / max(1, len(result.tokens) - 1)
+    extra = {"pass_chain": [c["type"] for c in chain], "baseline_s": base, "optimized_s": optimized,
+             "speedup": base / optimized, "tokens": len(result.tokens),
+             "tokens_per_s": 1 / per_token if per_token else None, "ms_per_token": per_token * 1e3,
+             "gb_per_s": decode_step_bytes(vlm, 100) / per_token / 1e9 if per_token else None}
+    return base, optimized, extra
+
+
+def pytest_generate_tests(metafunc):
+    # On the GPU only the passes with a 7b gate run (the others' 7b tables are in bench/results/h100).
+    if "name" in metafunc.fixturenames:
+        cases = [c for c in CASES if not metafunc.config.getoption("--gpu") or c[0] in GPU_CASES]
+        metafunc.parametrize("name,chain,what", cases, ids=[c[0] for c in cases])
+
+
+@pytest.mark.parametrize("model", ["eventgpt", "videollava"])
+def test_stage4_gate(benchmark, bench_settings, model, name, chain, what):
+    benchmark.group = f"{model}:{name}"
+    base, optimized, extra = measure(model, chain, what, gpu=bench_settings["gpu"],
+                                     rounds=bench_settings["rounds"], benchmark=benchmark)
+    benchmark.extra_info.update(extra)
+    check_gate(bench_settings["kind"], name, base / optimized)
+
+
+def test_an_injected_slowdown_fails_the_gate(bench_settings):
+    """The gate catches a regression: the same fast_decode pass with 20 ms added to every decode
+    step (a fixture-style wrapper, no code change) falls under its minimum."""
+    import time
+
+    def slow_down(vlm):
+        inner = vlm.engine._run_step
+
+        def slower(token, pos):
+            time.sleep(0.02)
+            return inner(token, pos)
+        vlm.engine._run_step = slower
+
+    base, optimized, _ = measure("eventgpt", [{"type": "fast_decode"}], "stage4", gpu=bench_settings["gpu"],
+                                 rounds=3, slow_down=slow_down)
+    with pytest.raises(AssertionError, match="below the gate"):
+        check_gate(bench_settings["kind"], "fast_decode", base / optimized)
+    # …and without the slowdown the same gate passes.
+    base, optimized, _ = measure("eventgpt", [{"type": "fast_decode"}], "stage4", gpu=bench_settings["gpu"], rounds=3)
+    check_gate(bench_settings["kind"], "fast_decode", base / optimized)
