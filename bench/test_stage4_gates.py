@@ -26,60 +26,73 @@ CASES = [  # (gate name, pass chain, what is timed)
 GPU_CASES = {"fast_decode", "feature_cache"}
 
 
-def _setup(model: str, chain: list[dict], gpu: bool):
-    from vlopt.models import get_workload, load_model
+def _model(model: str, gpu: bool):
+    from vlopt.models import load_model
+    return load_model(model, preset="7b" if gpu else "tiny", dtype="bfloat16" if gpu else "float32",
+                      device="cuda" if gpu else "cpu")
+
+
+def _apply(vlm, chain):
     from vlopt.plugins import get_registry
-
-    vlm = load_model(model, preset="7b" if gpu else "tiny", dtype="bfloat16" if gpu else "float32",
-                     device="cuda" if gpu else "cpu")
-    wl = get_workload(vlm.default_workload)
-    return vlm, wl, get_registry()
-
-
-def _apply(vlm, registry, chain):
     for cfg in chain:
-        entry = registry.pass_entry(cfg["type"])
+        entry = get_registry().pass_entry(cfg["type"])
         entry.apply(vlm, entry.config.model_validate(cfg), SimpleNamespace(device=str(vlm.device), workload=None))
 
 
 def measure(model, chain, what, *, gpu, rounds, benchmark=None, slow_down=None):
-    """(baseline seconds, optimized seconds, extra info) for one gate, both sides in this process."""
+    """(baseline seconds, optimized seconds, extra info) for one gate. Two instances of the same
+    seeded preset — one plain, one optimized — are timed in alternation, round by round, so load on
+    the machine falls on both sides alike: the ratio holds where absolute times drift."""
+    import statistics
+    import time
+
     from vlopt.bench import decode_step_bytes
     from vlopt.decode import sync
+    from vlopt.models import get_workload
 
-    vlm, wl, registry = _setup(model, chain, gpu)
+    base_vlm, opt_vlm = _model(model, gpu), _model(model, gpu)
+    _apply(opt_vlm, chain)
+    if slow_down is not None:
+        slow_down(opt_vlm)
+    wl = get_workload(base_vlm.default_workload)
     tokens = wl.new_tokens if gpu else 16
     fixed = chain[0]["type"] != "early_stop"
-    if what == "stages":
-        def run():
-            inp = vlm.run_stages(None, wl, "What is here?")
-            return vlm.stage4(inp, new_tokens=tokens, fixed=fixed)
-    else:
-        inp = vlm.run_stages(None, wl, "What is here?")
+    inputs = {id(v): v.run_stages(None, wl, "What is here?") for v in (base_vlm, opt_vlm)}
 
+    def runner(vlm):
         def run():
-            return vlm.stage4(inp, new_tokens=tokens, fixed=fixed)
-    device_sync = lambda: sync(vlm.device)  # noqa: E731
-    base = timed(run, rounds=rounds, sync=device_sync)
-    _apply(vlm, registry, chain)
-    if slow_down is not None:
-        slow_down(vlm)
-    run()                                   # compile / capture / fill caches outside the timing
-    if benchmark is not None:
-        def once():
-            result = run()
-            device_sync()
+            inp = vlm.run_stages(None, wl, "What is here?") if what == "stages" else inputs[id(vlm)]
+            result = vlm.stage4(inp, new_tokens=tokens, fixed=fixed)
+            sync(vlm.device)
             return result
-        result = benchmark.pedantic(once, rounds=rounds, warmup_rounds=1, iterations=1)
+        return run
+
+    run_base, run_opt = runner(base_vlm), runner(opt_vlm)
+    run_base(), run_opt()                 # compile / capture / fill caches outside the timing
+    base_samples = []
+
+    def time_baseline():                  # pedantic's untimed setup: one baseline round
+        start = time.perf_counter()
+        run_base()
+        base_samples.append(time.perf_counter() - start)
+
+    if benchmark is not None:
+        result = benchmark.pedantic(run_opt, setup=time_baseline, rounds=rounds, iterations=1)
         optimized = benchmark.stats.stats.median
     else:
-        optimized = timed(run, rounds=rounds, sync=device_sync)
-        result = run()
+        opt_samples = []
+        for _ in range(rounds):
+            time_baseline()
+            start = time.perf_counter()
+            result = run_opt()
+            opt_samples.append(time.perf_counter() - start)
+        optimized = statistics.median(opt_samples)
+    base = statistics.median(base_samples)
     per_token = result.decode_s / max(1, len(result.tokens) - 1)
     extra = {"pass_chain": [c["type"] for c in chain], "baseline_s": base, "optimized_s": optimized,
              "speedup": base / optimized, "tokens": len(result.tokens),
              "tokens_per_s": 1 / per_token if per_token else None, "ms_per_token": per_token * 1e3,
-             "gb_per_s": decode_step_bytes(vlm, 100) / per_token / 1e9 if per_token else None}
+             "gb_per_s": decode_step_bytes(opt_vlm, 100) / per_token / 1e9 if per_token else None}
     return base, optimized, extra
 
 
@@ -110,7 +123,7 @@ def test_an_injected_slowdown_fails_the_gate(bench_settings):
         def slower(token, pos):
             time.sleep(0.02)
             return inner(token, pos)
-        vlm.engine._run_step = slower
+        vlm.engine._run_step = slower      # an instance attribute of this test's engine only
 
     base, optimized, _ = measure("eventgpt", [{"type": "fast_decode"}], "stage4", gpu=bench_settings["gpu"],
                                  rounds=3, slow_down=slow_down)
