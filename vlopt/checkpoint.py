@@ -36,6 +36,28 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def canonicalize_safetensors(path: Path) -> None:
+    """Rewrite a safetensors header with sorted keys. The format is an 8-byte little-endian header
+    length, a JSON header (tensor dtypes, shapes, data offsets relative to the data section, and
+    `__metadata__`), then the data. safetensors writes `__metadata__` from a hash map, so its order
+    — and the file's bytes — change from run to run; sorting makes equal weights give equal files.
+    Offsets are relative to the data section, so only the header is rewritten."""
+    import struct
+
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(n))
+        data = fh.read()
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)          # keep the data section 8-byte aligned
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(text)))
+        fh.write(text)
+        fh.write(data)
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -69,6 +91,8 @@ def write_output(out: Path, *, vlm, resolved: dict, report: dict, state_dict=Non
             stray = [p.name for p in tmp.iterdir() if p.suffix in (".bin", ".pt", ".pkl", ".pth")]
             if stray:
                 raise VloptError(f"save_pretrained wrote pickle files {stray}; vlopt writes safetensors only")
+            for f in tmp.glob("*.safetensors"):
+                canonicalize_safetensors(f)
         (tmp / RECIPE).write_text(yaml.safe_dump(resolved, sort_keys=False))
         report_files.write(report, tmp)
         files = sorted(p for p in tmp.rglob("*") if p.is_file())

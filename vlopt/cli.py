@@ -237,7 +237,10 @@ def main(argv: list[str] | None = None) -> int:
 
     _quiet_libraries()
     try:
-        app(args=argv, standalone_mode=False)
+        # In non-standalone mode click returns a command's `Exit` code instead of raising it.
+        code = app(args=argv, standalone_mode=False)
+        if isinstance(code, int):
+            return code
     except VloptError as err:
         if STATE["debug"]:
             raise
