@@ -7,7 +7,7 @@ import importlib
 
 from vlopt.hookspecs import hookimpl
 
-PASS_MODULES = ["dtype", "attention", "fast_decode", "int8", "int4", "layer_skip", "early_stop", "feature_cache", "prune_visual"]
+PASS_MODULES = ["dtype", "attention", "fast_decode", "int8", "int4", "layer_skip", "early_stop", "feature_cache", "prune_visual", "tensor_parallel"]
 
 
 @hookimpl

@@ -140,12 +140,17 @@ def apply(recipe: Path = typer.Argument(..., help="The recipe YAML."),
         console.print(f"output: {out.absolute() if out else '(none: report printed only)'}")
         print(yaml.safe_dump(resolved_recipe(rec, configs, registry), sort_keys=False), end="")
         return
+    rank = _init_distributed()
+    if rank != 0:                 # under torchrun only rank 0 writes the report and the checkpoint
+        STATE["quiet"], out = True, None
     console = _console()
     with console.status("starting") as status:
         result = manager.run(rec, configs, recipe_path=recipe.absolute(), output=out.absolute() if out else None,
                              force=force, device=device, continue_on_error=continue_on_error,
                              progress=lambda msg: status.update(msg))
     from vlopt.report import markdown
+    if rank != 0:
+        raise typer.Exit(result.exit_code)
     print(markdown(result.report))
     if result.output:
         console.print(f"wrote {result.output}")
@@ -153,6 +158,22 @@ def apply(recipe: Path = typer.Argument(..., help="The recipe YAML."),
         print(f"vlopt: {failure}", file=sys.stderr)
     if result.exit_code:
         raise typer.Exit(result.exit_code)
+
+
+def _init_distributed() -> int:
+    """Join the process group when started by torchrun (WORLD_SIZE > 1); return this rank."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank()
 
 
 @app.command()

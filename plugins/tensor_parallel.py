@@ -1,0 +1,94 @@
+"""`tensor_parallel`: shard stage 4 across the ranks of a `torchrun` launch (torch.distributed).
+
+Each decoder layer's q/k/v and gate/up projections are split by output rows (whole heads per rank),
+o_proj and down_proj by input columns followed by an all-reduce — the Megatron layout, the same
+plan transformers' `base_model_tp_plan` names for LLaMA. Embeddings, norms and lm_head stay whole
+on every rank, so every rank computes the same logits and greedy tokens. The vision side runs on
+every rank (it is deterministic, and small next to the decoder). Launch with
+`torchrun --nproc-per-node N -m vlopt.cli apply RECIPE`; rank 0 writes reports and checkpoints, and
+the checkpoint keeps the unsharded weights (the pass is re-applied on load under torchrun)."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import torch
+from pydantic import Field
+
+from vlopt.errors import VloptError
+from vlopt.passes import PassConfig, PassOutcome
+
+
+class Config(PassConfig):
+    type: Literal["tensor_parallel"] = "tensor_parallel"
+    size: int = Field(2, ge=2)
+    changes_weights: ClassVar[bool] = True
+    lossless: ClassVar[bool] = True      # same math; the all-reduce changes summation order only
+    once: ClassVar[bool] = True
+
+    def saved_as(self) -> str:
+        return "sidecar"
+
+
+class RowParallelLinear(torch.nn.Module):
+    """The input-column shard of a Linear; partial products are summed across ranks."""
+
+    def __init__(self, linear: torch.nn.Linear, rank: int, size: int, group=None):
+        super().__init__()
+        cols = linear.in_features // size
+        self.weight = torch.nn.Parameter(linear.weight.data[:, rank * cols:(rank + 1) * cols].contiguous(),
+                                         requires_grad=False)
+        self.bias = linear.bias          # added once, after the sum
+        self.group = group
+
+    def forward(self, x):
+        import torch.distributed as dist
+
+        out = torch.nn.functional.linear(x, self.weight)
+        dist.all_reduce(out, group=self.group)
+        return out if self.bias is None else out + self.bias
+
+
+def _column_shard(linear: torch.nn.Linear, rank: int, size: int) -> None:
+    rows = linear.out_features // size
+    linear.weight = torch.nn.Parameter(linear.weight.data[rank * rows:(rank + 1) * rows].contiguous(),
+                                       requires_grad=False)
+    if linear.bias is not None:
+        linear.bias = torch.nn.Parameter(linear.bias.data[rank * rows:(rank + 1) * rows].contiguous(),
+                                         requires_grad=False)
+    linear.out_features = rows
+
+
+def apply(vlm, cfg: Config, ctx) -> PassOutcome:
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise VloptError(f"tensor_parallel needs a torch.distributed launch: run vlopt under "
+                         f"`torchrun --nproc-per-node {cfg.size}`")
+    if dist.get_world_size() != cfg.size:
+        raise VloptError(f"tensor_parallel.size is {cfg.size} but torchrun started {dist.get_world_size()} "
+                         "processes; make them equal")
+    tcfg = vlm.text_model.config
+    kv_heads = tcfg.num_key_value_heads or tcfg.num_attention_heads
+    if kv_heads % cfg.size or tcfg.intermediate_size % cfg.size:
+        raise VloptError(f"tensor_parallel.size {cfg.size} must divide the {kv_heads} key/value heads and the "
+                         f"MLP width {tcfg.intermediate_size}")
+    for layer in vlm.text_model.layers:
+        weight = layer.self_attn.q_proj.weight
+        if type(weight.data) is not torch.Tensor:
+            raise VloptError("tensor_parallel shards plain weights; put it before int8/int4")
+    rank = dist.get_rank()
+    touched = []
+    for i, layer in enumerate(vlm.text_model.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        for name in ("q_proj", "k_proj", "v_proj"):
+            _column_shard(getattr(attn, name), rank, cfg.size)
+        for name in ("gate_proj", "up_proj"):
+            _column_shard(getattr(mlp, name), rank, cfg.size)
+        attn.o_proj = RowParallelLinear(attn.o_proj, rank, cfg.size)
+        mlp.down_proj = RowParallelLinear(mlp.down_proj, rank, cfg.size)
+        # The attention reshapes with -1 heads, so it follows the local head count by itself.
+        touched.append(f"{vlm.decoder_prefix}.layers.{i}")
+    return PassOutcome(touched=touched, skipped=[*vlm.vision_modules, "lm_head"], saved_as="sidecar",
+                       notes=[f"decoder sharded over {cfg.size} ranks (rank {rank}); vision and lm_head replicated"],
+                       info={"rank": rank, "world_size": cfg.size})

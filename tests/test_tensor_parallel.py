@@ -1,0 +1,88 @@
+"""Two CPU processes with the gloo backend: the sharded decoder gives the single-process logits."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, size, port, model, out_dir):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), HF_HUB_OFFLINE="1", VLOPT_LOAD_PLUGINS="")
+    dist.init_process_group("gloo", rank=rank, world_size=size)
+    try:
+        from types import SimpleNamespace
+
+        from vlopt.decode import teacher_forced_logits
+        from vlopt.models import get_workload, load_model
+        from vlopt.plugins import get_registry
+
+        vlm = load_model(model, preset="tiny", dtype="float32", device="cpu")
+        wl = get_workload(vlm.default_workload)
+        inp = vlm.run_stages(None, wl, "What is here?")
+        tokens = vlm.stage4(inp, new_tokens=8).tokens
+        single = teacher_forced_logits(vlm, inp, tokens)
+        entry = get_registry().pass_entry("tensor_parallel")
+        outcome = entry.apply(vlm, entry.config.model_validate({"type": "tensor_parallel", "size": size}),
+                              SimpleNamespace(device="cpu"))
+        sharded = teacher_forced_logits(vlm, inp, tokens)
+        q = vlm.text_model.layers[0].self_attn.q_proj.weight
+        torch.save({"single": single, "sharded": sharded, "q_rows": q.shape[0],
+                    "tokens": tokens, "tp_tokens": vlm.stage4(inp, new_tokens=8).tokens,
+                    "info": outcome.info}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("model", ["eventgpt", "videollava"])
+def test_two_gloo_ranks_match_the_single_process_logits(tmp_path, model):
+    mp.spawn(_worker, args=(2, _free_port(), model, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in range(2))
+    assert r0["q_rows"] == r1["q_rows"] == 64 // 2           # each rank holds half the heads
+    for r in (r0, r1):
+        torch.testing.assert_close(r["sharded"], r["single"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(r0["sharded"], r1["sharded"], rtol=0, atol=0)   # ranks agree exactly
+    assert r0["info"] == {"rank": 0, "world_size": 2} and r1["info"]["rank"] == 1
+
+
+def test_without_torchrun_it_is_a_clear_error(eventgpt):
+    from types import SimpleNamespace
+
+    from vlopt.errors import VloptError
+    from vlopt.plugins import get_registry
+    entry = get_registry().pass_entry("tensor_parallel")
+    with pytest.raises(VloptError, match="torchrun --nproc-per-node 2"):
+        entry.apply(eventgpt, entry.config.model_validate({"type": "tensor_parallel"}), SimpleNamespace(device="cpu"))
+
+
+def test_torchrun_apply_writes_once_from_rank_0_with_full_weights(tmp_path):
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    recipe = tmp_path / "tp.yaml"
+    recipe.write_text("model: {name: eventgpt, preset: tiny, dtype: float32, device: cpu}\n"
+                      "benchmark: {samples: 1, warmup: 0, new_tokens: 4}\n"
+                      "passes:\n  - {type: tensor_parallel, size: 2}\noutput: out\n")
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
+    proc = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", str(_free_port()), "-m", "vlopt.cli",
+                           "-q", "apply", str(recipe)], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "VLOPT_LOAD_PLUGINS": ""})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("# vlopt report") == 1                    # rank 0 alone reports
+    report = json.loads((tmp_path / "out" / "vlopt_report.json").read_text())
+    row = report["passes"][0]
+    assert row["status"] == "applied" and row["fidelity"]["first_divergence"] is None
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:   # unsharded weights saved
+        assert f.get_slice("model.layers.0.self_attn.q_proj.weight").get_shape() == [64, 64]
