@@ -1,9 +1,7 @@
-"""The two measurements a gate compares, and the gate itself."""
+"""The gate: a same-run speedup against the minimum kept per device kind (minimums.yaml)."""
 
 from __future__ import annotations
 
-import statistics
-import time
 from pathlib import Path
 
 import yaml
@@ -21,17 +19,3 @@ def check_gate(kind: str, name: str, speedup: float) -> None:
     if floor is not None and speedup < floor:
         raise AssertionError(f"{name} on {kind}: speedup {speedup:.2f}x is below the gate {floor}x "
                              "(bench/minimums.yaml)")
-
-
-def timed(fn, *, rounds: int, warmup: int = 1, sync=lambda: None) -> float:
-    """Median seconds of `fn()` over `rounds`, after `warmup` untimed calls, device synced."""
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(rounds):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)

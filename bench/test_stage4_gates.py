@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from gates import check_gate, timed
+from gates import check_gate
 
 CASES = [  # (gate name, pass chain, what is timed)
     ("fast_decode", [{"type": "fast_decode"}], "stage4"),

@@ -13,7 +13,6 @@ questions about one clip, the shared prompt prefix (system text + visual rows) i
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import time
 from collections import OrderedDict

@@ -70,8 +70,4 @@ def test_a_weight_pass_after_fast_decode_rebuilds_the_step(eventgpt):
     # The engine sees the int8 weights: its logits equal the HF forward of the quantized model.
     ref = teacher_forced_logits(eventgpt, inp, tokens)
     assert _rel(eventgpt.engine.score(eventgpt, inp, tokens), ref) < 1e-4
-    assert own_argmax_matches(eventgpt, inp, tokens)
-
-
-def own_argmax_matches(vlm, inp, tokens):
-    return teacher_forced_logits(vlm, inp, tokens).argmax(-1).tolist() == tokens
+    assert ref.argmax(-1).tolist() == tokens

@@ -11,7 +11,7 @@ import yaml
 import vlopt
 from vlopt.decode import teacher_forced_logits
 from vlopt.models import get_workload
-from vlopt.passes import PassConfig, PassOutcome
+from vlopt.passes import PassConfig
 from vlopt.testing import assert_fidelity, run_pass, run_recipe, temporary_plugin
 
 TINY = {"name": "eventgpt", "preset": "tiny", "dtype": "float32", "device": "cpu"}

@@ -20,12 +20,9 @@ from vlopt.models.tokenizer import DEFAULT_QUESTION
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
-    """Bytes a tensor really occupies, looking inside quantized tensor subclasses."""
-    if hasattr(t, "__tensor_flatten__") and type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter):
-        names, _ = t.__tensor_flatten__()
-        return sum(tensor_bytes(getattr(t, n)) for n in names)
+    """Bytes a tensor really occupies, looking inside quantized tensor subclasses (torchao)."""
     data = t.data if isinstance(t, torch.nn.Parameter) else t
-    if hasattr(data, "__tensor_flatten__") and type(data) is not torch.Tensor:
+    if type(data) is not torch.Tensor and hasattr(data, "__tensor_flatten__"):
         names, _ = data.__tensor_flatten__()
         return sum(tensor_bytes(getattr(data, n)) for n in names)
     return data.numel() * data.element_size()
