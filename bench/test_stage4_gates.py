@@ -6,7 +6,6 @@ is timed in the same process just before, and the ratio is gated against bench/m
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import pytest
 
@@ -35,8 +34,7 @@ def _model(model: str, gpu: bool):
 def _apply(vlm, chain):
     from vlopt.plugins import get_registry
     for cfg in chain:
-        entry = get_registry().pass_entry(cfg["type"])
-        entry.apply(vlm, entry.config.model_validate(cfg), SimpleNamespace(device=str(vlm.device), workload=None))
+        get_registry().apply(vlm, cfg)
 
 
 def measure(model, chain, what, *, gpu, rounds, benchmark=None, slow_down=None):

@@ -60,11 +60,8 @@ def test_fast_decode_through_the_manager_is_lossless_in_float32():
 
 
 def test_a_weight_pass_after_fast_decode_rebuilds_the_step(eventgpt):
-    registry = get_registry()
-    from types import SimpleNamespace
     for cfg in ({"type": "fast_decode", "compile": False}, {"type": "int8"}):
-        entry = registry.pass_entry(cfg["type"])
-        entry.apply(eventgpt, entry.config.model_validate(cfg), SimpleNamespace(device="cpu"))
+        get_registry().apply(eventgpt, cfg)
     inp = _inp(eventgpt)
     tokens = eventgpt.stage4(inp, new_tokens=8).tokens
     # The engine sees the int8 weights: its logits equal the HF forward of the quantized model.

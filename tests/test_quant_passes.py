@@ -1,4 +1,3 @@
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,8 +11,7 @@ from vlopt.testing import assert_fidelity, run_pass, run_recipe
 
 
 def _apply(vlm, cfg):
-    entry = get_registry().pass_entry(cfg["type"])
-    return entry.apply(vlm, entry.config.model_validate(cfg), SimpleNamespace(device="cpu"))
+    return get_registry().apply(vlm, cfg)
 
 
 def _logits(vlm):

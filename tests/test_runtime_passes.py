@@ -1,4 +1,3 @@
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,8 +12,7 @@ from vlopt.testing import assert_fidelity, run_pass
 
 
 def _apply(vlm, cfg):
-    entry = get_registry().pass_entry(cfg["type"])
-    return entry.apply(vlm, entry.config.model_validate(cfg), SimpleNamespace(device="cpu", workload=None))
+    return get_registry().apply(vlm, cfg)
 
 
 def _inp(vlm, question="What is here?", workload=None):

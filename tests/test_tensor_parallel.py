@@ -20,7 +20,6 @@ def _worker(rank, size, port, model, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), HF_HUB_OFFLINE="1", VLOPT_LOAD_PLUGINS="")
     dist.init_process_group("gloo", rank=rank, world_size=size)
     try:
-        from types import SimpleNamespace
 
         from vlopt.decode import teacher_forced_logits
         from vlopt.models import get_workload, load_model
@@ -31,9 +30,7 @@ def _worker(rank, size, port, model, out_dir):
         inp = vlm.run_stages(None, wl, "What is here?")
         tokens = vlm.stage4(inp, new_tokens=8).tokens
         single = teacher_forced_logits(vlm, inp, tokens)
-        entry = get_registry().pass_entry("tensor_parallel")
-        outcome = entry.apply(vlm, entry.config.model_validate({"type": "tensor_parallel", "size": size}),
-                              SimpleNamespace(device="cpu"))
+        outcome = get_registry().apply(vlm, {"type": "tensor_parallel", "size": size})
         sharded = teacher_forced_logits(vlm, inp, tokens)
         q = vlm.text_model.layers[0].self_attn.q_proj.weight
         torch.save({"single": single, "sharded": sharded, "q_rows": q.shape[0],
@@ -55,13 +52,10 @@ def test_two_gloo_ranks_match_the_single_process_logits(tmp_path, model):
 
 
 def test_without_torchrun_it_is_a_clear_error(eventgpt):
-    from types import SimpleNamespace
-
     from vlopt.errors import VloptError
     from vlopt.plugins import get_registry
-    entry = get_registry().pass_entry("tensor_parallel")
     with pytest.raises(VloptError, match="torchrun --nproc-per-node 2"):
-        entry.apply(eventgpt, entry.config.model_validate({"type": "tensor_parallel"}), SimpleNamespace(device="cpu"))
+        get_registry().apply(eventgpt, {"type": "tensor_parallel"})
 
 
 def test_torchrun_apply_writes_once_from_rank_0_with_full_weights(tmp_path):

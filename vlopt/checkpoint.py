@@ -149,7 +149,6 @@ def load_optimized(folder, *, device: str = "auto"):
     import yaml
 
     from vlopt.models import load_model
-    from vlopt.passes import PassContext
     from vlopt.plugins import get_registry
 
     folder = Path(folder)
@@ -163,7 +162,5 @@ def load_optimized(folder, *, device: str = "auto"):
     vlm = load_model(path=str(folder), dtype="saved", device=device)
     registry = get_registry()
     for index in recipe.get("replay", []):
-        raw = {k: v for k, v in recipe["passes"][index].items() if not k.startswith("_")}
-        entry = registry.pass_entry(raw["type"])
-        entry.apply(vlm, entry.config.model_validate(raw), PassContext(device=str(vlm.device)))
+        registry.apply(vlm, {k: v for k, v in recipe["passes"][index].items() if not k.startswith("_")})
     return vlm

@@ -45,9 +45,11 @@ def _rotate_half(x):
     return torch.cat((-x2, x1), dim=-1)
 
 
-class StaticCache(torch.nn.Module):
+class StaticCache:
+    """One K and one V tensor per layer, [1, kv_heads, max_len, head_dim], at fixed addresses (the
+    captured graph writes into them)."""
+
     def __init__(self, layers: int, kv_heads: int, max_len: int, head_dim: int, dtype, device):
-        super().__init__()
         shape = (1, kv_heads, max_len, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
@@ -92,6 +94,7 @@ class DecodeEngine:
         if getattr(self, "_sig", None) != sig:
             self._sig = sig
             self._vlm = vlm
+            self._prev_prompt = None              # new weights: any cached prefix KV is stale
             self.cache = None
             self._step = None
             self._graph = None
@@ -218,8 +221,6 @@ class DecodeEngine:
     # ---- the engine interface ---------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, vlm, inp, *, new_tokens: int, fixed: bool = True) -> Stage4Result:
-        if self._signature(vlm) != getattr(self, "_sig", None):
-            self._prev_prompt = None              # new weights: cached prefix KV is stale
         self._bind(vlm)
         rule = None if fixed else vlm.stop_rule
         threshold = rule.eos_threshold if rule else None

@@ -49,6 +49,14 @@ class Registry:
             raise VloptError(f"unknown pass type '{type_name}'; known: {sorted(self.passes)}{self.broken_note()}")
         return self.passes[type_name]
 
+    def apply(self, vlm, raw: dict, ctx=None):
+        """Validate a pass config given as a dict (a recipe entry) and apply it to `vlm`."""
+        from vlopt.passes import PassContext
+
+        entry = self.pass_entry(raw["type"])
+        ctx = ctx or PassContext(device=str(vlm.device))
+        return entry.apply(vlm, entry.config.model_validate(raw), ctx)
+
     def broken_note(self) -> str:
         broken = [f"{p.name} ({p.error})" for p in self.plugins if p.error]
         return f"; plugins that failed to load: {'; '.join(broken)}" if broken else ""

@@ -35,7 +35,6 @@ def main() -> None:
 
     from vlopt.bench import decode_step_bytes
     from vlopt.models import get_workload, load_model
-    from vlopt.passes import PassContext
     from vlopt.plugins import get_registry
 
     out = {}
@@ -58,8 +57,7 @@ def main() -> None:
     registry = get_registry()
 
     def apply(cfg):
-        entry = registry.pass_entry(cfg["type"])
-        entry.apply(vlm, entry.config.model_validate(cfg), PassContext(device="cuda"))
+        registry.apply(vlm, cfg)
 
     apply({"type": "fast_decode"})
     torch.set_grad_enabled(False)          # the engine runs under no_grad; so must direct step calls

@@ -23,7 +23,6 @@ def main() -> None:
     from vlopt import bench, fidelity
     from vlopt.decode import HFGenerate
     from vlopt.models import get_workload, load_model
-    from vlopt.passes import PassContext
     from vlopt.plugins import get_registry
 
     model, out_path = sys.argv[1], sys.argv[2]
@@ -35,9 +34,8 @@ def main() -> None:
     registry = get_registry()
 
     def apply(vlm, cfg: dict):
-        entry = registry.pass_entry(cfg["type"])
         t = time.perf_counter()
-        outcome = entry.apply(vlm, entry.config.model_validate(cfg), PassContext(device=device))
+        outcome = registry.apply(vlm, cfg)
         return time.perf_counter() - t, outcome
 
     def fresh():
