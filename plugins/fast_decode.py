@@ -26,9 +26,9 @@ def apply(vlm, cfg: Config, ctx) -> PassOutcome:
     from vlopt.engine import DecodeEngine
 
     previous = getattr(vlm.engine, "name", type(vlm.engine).__name__)
-    vlm.engine = DecodeEngine(compile=cfg.compile, cuda_graph=cfg.cuda_graph,
-                              compile_mode=None if cfg.compile_mode == "default" else cfg.compile_mode,
-                              temperature=cfg.temperature)
+    vlm.replace_engine(DecodeEngine(compile=cfg.compile, cuda_graph=cfg.cuda_graph,
+                                    compile_mode=None if cfg.compile_mode == "default" else cfg.compile_mode,
+                                    temperature=cfg.temperature))
     graph = cfg.cuda_graph and vlm.device.type == "cuda"
     return PassOutcome(touched=[f"{vlm.decoder_prefix}.layers", "lm_head"], skipped=list(vlm.vision_modules),
                        saved_as="sidecar",

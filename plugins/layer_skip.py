@@ -31,7 +31,7 @@ def apply(vlm, cfg: Config, ctx) -> PassOutcome:
     if isinstance(vlm.engine, DecodeEngine):
         raise VloptError("layer_skip and fast_decode each replace the stage-4 engine; the speculative loop is "
                          "eager (its accepted length varies per step), so use one of them")
-    vlm.engine = SelfSpeculativeEngine(draft_layers=cfg.draft_layers, draft_tokens=cfg.draft_tokens)
+    vlm.replace_engine(SelfSpeculativeEngine(draft_layers=cfg.draft_layers, draft_tokens=cfg.draft_tokens))
     return PassOutcome(touched=[f"{vlm.decoder_prefix}.layers[:{cfg.draft_layers}] (draft)"],
                        skipped=list(vlm.vision_modules), saved_as="sidecar",
                        notes=[f"self-speculative: {cfg.draft_layers}/{layers} layers draft {cfg.draft_tokens} tokens"])

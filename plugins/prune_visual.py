@@ -5,12 +5,22 @@ or a fraction) the vision tower's CLS token attends to most, per frame for video
 the pooled spatial rows; its temporal rows and CLS rows are always kept). Shapes stay static, so it
 composes with fast_decode. Rows keep their order; the shortened prompt is renumbered (as VisionZip
 and FasterVLM do). Pruning mostly shortens prefill: at decode the KV of visual rows is a few percent
-of the bytes read per step. `method: fastv` (inside the LLM) is not implemented yet: it is an error.
+of the bytes read per step.
+
+`method: fastv` — inside the LLM (FastV): the decoder runs layers 0..k-1 on the whole prompt; the
+attention layer k-1 pays from the last prompt token to each visual row ranks them; layers k.. see
+only the text rows and the `keep` best visual rows (a fraction of all visual rows, or a count), at
+their original RoPE positions. Built from hooks on transformers' own layers (no fork): a forward
+hook on `layers[k-1].self_attn` ranks, forward pre-hooks on `layers[k:]` slice hidden states,
+cos/sin, position ids and a 4D mask. Per-layer KV lengths then differ, so it needs transformers'
+dynamic cache: it wraps the `generate()` engine, and fast_decode / layer_skip (static cache, own
+loop) refuse to follow it — use `cls_attention` there.
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from typing import ClassVar, Literal
 
 from pydantic import Field
@@ -22,7 +32,8 @@ from vlopt.passes import PassConfig, PassOutcome
 class Config(PassConfig):
     type: Literal["prune_visual"] = "prune_visual"
     method: Literal["cls_attention", "fastv"] = "cls_attention"
-    keep: float = Field(0.25, gt=0)     # ≤ 1: fraction of each frame's rows; > 1: rows per frame
+    keep: float = Field(0.25, gt=0)     # ≤ 1: a fraction of the rows; > 1: a count (cls_attention: per frame)
+    after_layer: int = Field(2, ge=1)   # fastv: layers from this index on see the pruned rows
     once: ClassVar[bool] = True
 
 
@@ -48,7 +59,7 @@ class KeepTopRows:
 
 def apply(vlm, cfg: Config, ctx) -> PassOutcome:
     if cfg.method == "fastv":
-        raise VloptError("prune_visual method 'fastv' is not implemented yet; use method: cls_attention")
+        return _apply_fastv(vlm, cfg)
     vlm.need_cls_attention = True
     for prefix in vlm.vision_modules:     # attention maps need the eager attention of the vision tower
         module = vlm.hf.get_submodule(prefix)
@@ -60,3 +71,137 @@ def apply(vlm, cfg: Config, ctx) -> PassOutcome:
                        notes=[f"visual rows kept by CLS attention: {cfg.keep} per frame; vision attention set to eager "
                               "to read the attention map; rows before/after are in the stage4 columns"],
                        info={"keep": cfg.keep})
+
+
+# ---- fastv -----------------------------------------------------------------------------------------
+def _rope(x, cos, sin):
+    from vlopt.engine import _rotate_half
+
+    return x * cos[:, None] + _rotate_half(x) * sin[:, None]
+
+
+class FastV:
+    """The hooks and the state they share. `armed(inp)` scopes one stage-4 call: the prompt length
+    and visual spans come from its `Stage4Input`; outside a call the hooks do nothing."""
+
+    def __init__(self, keep: float, after_layer: int):
+        self.keep, self.after_layer = keep, after_layer
+        self.prompt_len = None     # L of the armed call
+        self.spans = None
+        self.kept = None           # sorted prompt positions layers ≥ k keep (set at prefill)
+        self.full_len = None       # sequence length of the forward that ranked (prefill or scoring)
+        self.last = None           # what the report shows
+
+    def install(self, layers) -> None:
+        layers[self.after_layer - 1].self_attn.register_forward_hook(self._rank, with_kwargs=True)
+        for layer in layers[self.after_layer:]:
+            layer.register_forward_pre_hook(self._slice, with_kwargs=True)
+
+    @contextmanager
+    def armed(self, inp):
+        self.prompt_len, self.spans = inp.context_tokens, list(inp.visual_spans)
+        try:
+            yield
+        finally:
+            self.prompt_len = self.spans = self.kept = self.full_len = None
+
+    def _rank(self, attn, args, kwargs, output):
+        """After layer k-1's attention, at prefill (the forward that holds the whole prompt):
+        rank visual rows by the attention the last prompt token pays them, averaged over heads."""
+        import torch
+
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        L = self.prompt_len
+        if L is None or hidden.shape[1] < L:      # not armed, or a decode step
+            return None
+        cos, sin = kwargs["position_embeddings"]
+        head_dim = attn.head_dim
+        with torch.no_grad():
+            q = attn.q_proj(hidden[:, L - 1:L]).view(1, 1, -1, head_dim).transpose(1, 2)
+            k = attn.k_proj(hidden[:, :L]).view(1, L, -1, head_dim).transpose(1, 2)
+            q, k = _rope(q, cos[:, L - 1:L], sin[:, L - 1:L]), _rope(k, cos[:, :L], sin[:, :L])
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            probs = torch.softmax((q.float() @ k.float().transpose(-1, -2)) * attn.scaling, dim=-1)
+            scores = probs[0, :, 0].sum(0)                                 # [L], summed over heads
+            if q.shape[1] != attn.config.num_attention_heads:               # heads sharded (tensor_parallel)
+                import torch.distributed as dist
+                dist.all_reduce(scores)
+        visual = torch.cat([torch.arange(s, e) for s, e in self.spans]).to(scores.device)
+        n = len(visual)
+        n_keep = min(n, math.ceil(self.keep * n) if self.keep <= 1 else int(self.keep))
+        keep = torch.ones(L, dtype=torch.bool, device=scores.device)
+        keep[visual] = False
+        keep[visual[scores[visual].topk(n_keep).indices]] = True
+        self.kept = keep.nonzero().flatten()
+        self.full_len = hidden.shape[1]
+        self.last = {"after_layer": self.after_layer, "visual_before": n, "visual_after": n_keep,
+                     "context": L, "context_after_layer": L - n + n_keep}
+        return None
+
+    def _slice(self, layer, args, kwargs):
+        """Before each layer ≥ k: drop the pruned rows from whatever still has the full length."""
+        import torch
+
+        if self.kept is None:
+            return None
+        full, L = self.full_len, self.prompt_len
+        rows = torch.cat([self.kept, torch.arange(L, full, device=self.kept.device)])
+
+        def cut(t, dim):
+            return t.index_select(dim, rows) if t is not None and t.shape[dim] == full else t
+
+        if args:
+            args = (cut(args[0], 1), *args[1:])
+        else:
+            kwargs["hidden_states"] = cut(kwargs["hidden_states"], 1)
+        cos, sin = kwargs["position_embeddings"]
+        kwargs["position_embeddings"] = (cut(cos, 1), cut(sin, 1))
+        kwargs["position_ids"] = cut(kwargs.get("position_ids"), 1)
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 4:
+            # Keys: the kept prompt rows, then everything after the prompt (answer tokens so far).
+            keys = torch.cat([self.kept, torch.arange(L, mask.shape[-1], device=mask.device)])
+            kwargs["attention_mask"] = cut(mask, 2).index_select(3, keys)
+        return args, kwargs
+
+
+class FastVEngine:
+    """Wraps the `generate()` engine: arms the hooks around each stage-4 call."""
+
+    exclusive = ("prune_visual method 'fastv' prunes inside transformers' own forward, whose dynamic KV "
+                 "cache lets layers hold different lengths; fast_decode and layer_skip run their own loop "
+                 "on a static cache. Use prune_visual method: cls_attention with them")
+
+    def __init__(self, inner, fastv: FastV):
+        self.inner, self.fastv = inner, fastv
+        self.name = f"{getattr(inner, 'name', type(inner).__name__)}+fastv"
+
+    def generate(self, vlm, inp, **kw):
+        with self.fastv.armed(inp):
+            result = self.inner.generate(vlm, inp, **kw)
+        result.info = {**result.info, "fastv": self.fastv.last}
+        return result
+
+    def score(self, vlm, inp, tokens):
+        with self.fastv.armed(inp):
+            return self.inner.score(vlm, inp, tokens)
+
+
+def _apply_fastv(vlm, cfg: Config) -> PassOutcome:
+    from vlopt.engine import DecodeEngine
+
+    layers = vlm.text_model.layers
+    if cfg.after_layer >= len(layers):
+        raise VloptError(f"prune_visual.after_layer must be below the decoder's {len(layers)} layers, "
+                         f"got {cfg.after_layer}")
+    if isinstance(vlm.engine, DecodeEngine):
+        raise VloptError(FastVEngine.exclusive)
+    fastv = FastV(cfg.keep, cfg.after_layer)
+    fastv.install(layers)
+    vlm.engine = FastVEngine(vlm.engine, fastv)
+    share = f"{cfg.keep:.0%} of" if cfg.keep <= 1 else f"{int(cfg.keep)} of"
+    return PassOutcome(touched=[f"{vlm.decoder_prefix}.layers[{cfg.after_layer}:]"], saved_as="sidecar",
+                       notes=[f"fastv: layers {cfg.after_layer}.. keep {share} the visual rows, ranked by the "
+                              f"last prompt token's attention at layer {cfg.after_layer - 1}; the stage-4 "
+                              "engine_info.fastv gives rows and context before/after"],
+                       info={"keep": cfg.keep, "after_layer": cfg.after_layer})

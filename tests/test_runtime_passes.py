@@ -1,4 +1,6 @@
 
+import math
+
 import pytest
 import torch
 
@@ -188,6 +190,89 @@ def test_pruned_prefill_equals_a_hand_built_pruned_forward(videollava):
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_fastv_is_a_clear_error(eventgpt):
-    with pytest.raises(VloptError, match="'fastv' is not implemented yet"):
-        _apply(eventgpt, {"type": "prune_visual", "method": "fastv"})
+@pytest.mark.parametrize("model", ["eventgpt", "videollava"])
+def test_fastv_keeping_everything_is_the_baseline(model):
+    row = run_pass({"type": "prune_visual", "method": "fastv", "keep": 1.0}, model=model)
+    assert_fidelity(row, min_top1=1.0, max_kl=0.0, exact_tokens=True)
+    info = row["stage4"]["engine_info"]["fastv"]
+    assert info["visual_before"] == info["visual_after"] == row["stage4"]["visual_tokens"]
+    assert info["context_after_layer"] == info["context"] == row["stage4"]["context_tokens"]
+
+
+def _by_hand_fastv(vlm, embeds, spans, after_layer, n_keep):
+    """FastV written out: transformers' own eager attention map of layer k-1 ranks the visual rows;
+    layers k.. run on the kept rows at their original positions; the final norm and lm_head follow."""
+    L = embeds.shape[1]
+    tm = vlm.text_model
+    impl = tm.config._attn_implementation
+    tm.config._attn_implementation = "eager"
+    try:
+        out = vlm.hf(inputs_embeds=embeds, output_attentions=True, output_hidden_states=True, use_cache=False)
+    finally:
+        tm.config._attn_implementation = impl
+    to_last = out.attentions[after_layer - 1][0, :, L - 1].mean(0)          # [L]
+    visual = torch.cat([torch.arange(s, e) for s, e in spans])
+    best = visual[to_last[visual].topk(n_keep).indices]
+    keep = torch.tensor(sorted(set(range(L)) - set(visual.tolist()) | set(best.tolist())))
+    hidden = out.hidden_states[after_layer][:, keep]
+    pos = keep[None]
+    cos_sin = tm.rotary_emb(hidden, position_ids=pos)
+    n = len(keep)
+    causal = torch.full((n, n), torch.finfo(hidden.dtype).min).triu(1)[None, None]   # additive, any backend
+    for layer in tm.layers[after_layer:]:
+        hidden = layer(hidden, attention_mask=causal, position_ids=pos, position_embeddings=cos_sin)
+    return vlm.lm_head(tm.norm(hidden)), keep
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("model", ["eventgpt", "videollava"])
+def test_fastv_prefill_equals_a_hand_built_pruned_forward(model, attention, request):
+    vlm = request.getfixturevalue(model)
+    _apply(vlm, {"type": "attention", "implementation": attention})
+    inp = _inp(vlm)
+    n_keep = inp.visual_tokens // 4
+    _apply(vlm, {"type": "prune_visual", "method": "fastv", "keep": n_keep, "after_layer": 2})
+    with torch.no_grad():
+        expected, keep = _by_hand_fastv(vlm, inp.embeds, inp.visual_spans, 2, n_keep)
+        with vlm.engine.fastv.armed(inp):
+            got = vlm.hf(inputs_embeds=inp.embeds, attention_mask=inp.attention_mask).logits
+            kept = vlm.engine.fastv.kept
+    assert kept.tolist() == keep.tolist()
+    assert got.shape[1] == inp.context_tokens - inp.visual_tokens + n_keep
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_fastv_cached_decode_equals_a_pruned_recompute(videollava, attention):
+    """Decode steps (KV cache: layers ≥ k hold fewer rows; eager slices its 4D mask) give the logits
+    one teacher-forced forward of the pruned model gives."""
+    _apply(videollava, {"type": "attention", "implementation": attention})
+    _apply(videollava, {"type": "prune_visual", "method": "fastv", "keep": 0.25})
+    inp = _inp(videollava)
+    with torch.no_grad(), videollava.engine.fastv.armed(inp):
+        out = videollava.hf.generate(inputs_embeds=inp.embeds, attention_mask=inp.attention_mask, max_new_tokens=6,
+                                     min_new_tokens=6, do_sample=False, output_logits=True,
+                                     return_dict_in_generate=True, pad_token_id=0)
+        cache_lengths = [layer.keys.shape[2] for layer in out.past_key_values.layers]
+    stepwise = torch.cat(out.logits).float()
+    tokens = out.sequences[0].tolist()
+    recomputed = videollava.engine.score(videollava, inp, tokens)
+    torch.testing.assert_close(stepwise, recomputed, rtol=1e-4, atol=1e-4)
+    pruned = inp.visual_tokens - math.ceil(0.25 * inp.visual_tokens)
+    assert cache_lengths[:2] == [inp.context_tokens + 5] * 2
+    assert cache_lengths[2:] == [inp.context_tokens + 5 - pruned] * 2
+    # and pruning changed the answer's logits: this is not the baseline
+    base = teacher_forced_logits(videollava, inp, tokens)
+    assert (base - recomputed).abs().max() > 1e-3
+
+
+def test_fastv_refuses_the_static_cache_engines(eventgpt, videollava):
+    _apply(eventgpt, {"type": "prune_visual", "method": "fastv"})
+    for follower in ({"type": "fast_decode", "compile": False}, {"type": "layer_skip"}):
+        with pytest.raises(VloptError, match="Use prune_visual method: cls_attention"):
+            _apply(eventgpt, follower)
+    with pytest.raises(VloptError, match="below the decoder's 4 layers"):
+        _apply(videollava, {"type": "prune_visual", "method": "fastv", "after_layer": 4})
+    _apply(videollava, {"type": "fast_decode", "compile": False})
+    with pytest.raises(VloptError, match="Use prune_visual method: cls_attention"):
+        _apply(videollava, {"type": "prune_visual", "method": "fastv"})

@@ -14,7 +14,7 @@ def test_every_shipped_recipe_validates(path):
     assert recipe.output
 
 
-@pytest.mark.parametrize("name", ["quantize-cpu", "memory-bitsandbytes", "prune-visual", "early-exit"])
+@pytest.mark.parametrize("name", ["quantize-cpu", "memory-bitsandbytes", "prune-visual", "prune-fastv", "early-exit"])
 def test_cpu_recipes_run_end_to_end(name, tmp_path):
     from vlopt import manager
     recipe, configs = load_recipe(Path(__file__).parent.parent / "recipes" / f"{name}.yaml")

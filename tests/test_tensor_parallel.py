@@ -30,10 +30,16 @@ def _worker(rank, size, port, model, out_dir):
         inp = vlm.run_stages(None, wl, "What is here?")
         tokens = vlm.stage4(inp, new_tokens=8).tokens
         single = teacher_forced_logits(vlm, inp, tokens)
+        # fastv's hooks stay inert outside its engine, so the plain comparison below is unaffected;
+        # sharded, each rank sees half the heads and the ranking all-reduces their attention.
+        get_registry().apply(vlm, {"type": "prune_visual", "method": "fastv", "keep": 0.3})
+        single_fastv = vlm.engine.score(vlm, inp, tokens)
         outcome = get_registry().apply(vlm, {"type": "tensor_parallel", "size": size})
         sharded = teacher_forced_logits(vlm, inp, tokens)
+        sharded_fastv = vlm.engine.score(vlm, inp, tokens)
         q = vlm.text_model.layers[0].self_attn.q_proj.weight
-        torch.save({"single": single, "sharded": sharded, "q_rows": q.shape[0],
+        torch.save({"single": single, "sharded": sharded,
+                    "single_fastv": single_fastv, "sharded_fastv": sharded_fastv, "q_rows": q.shape[0],
                     "tokens": tokens, "tp_tokens": vlm.stage4(inp, new_tokens=8).tokens,
                     "info": outcome.info}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -47,6 +53,8 @@ def test_two_gloo_ranks_match_the_single_process_logits(tmp_path, model):
     assert r0["q_rows"] == r1["q_rows"] == 64 // 2           # each rank holds half the heads
     for r in (r0, r1):
         torch.testing.assert_close(r["sharded"], r["single"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(r["sharded_fastv"], r["single_fastv"], rtol=1e-5, atol=1e-5)
+    assert (r0["single_fastv"] - r0["single"]).abs().max() > 1e-3          # fastv did prune
     torch.testing.assert_close(r0["sharded"], r1["sharded"], rtol=0, atol=0)   # ranks agree exactly
     assert r0["info"] == {"rank": 0, "world_size": 2} and r1["info"]["rank"] == 1
 

@@ -129,5 +129,6 @@ def teacher_forced_logits(vlm, inp, tokens: list[int]) -> torch.Tensor:
     embeds = torch.cat([inp.embeds, vlm.embed(ids).to(inp.embeds.dtype)], dim=1)
     mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=vlm.device)
     out = vlm.hf(inputs_embeds=embeds, attention_mask=mask, use_cache=False)
-    start = inp.context_tokens - 1
-    return out.logits[0, start:start + len(tokens)].float().cpu()
+    # The last len(tokens) positions: prompt end onwards (counted from the end, since a pass may
+    # drop prompt rows inside the decoder — prune_visual fastv).
+    return out.logits[0, -len(tokens):].float().cpu()

@@ -164,6 +164,14 @@ class VLModel:
     def eos_token_id(self) -> int:
         return int(self.tokenizer.eos_token_id)
 
+    def replace_engine(self, engine) -> None:
+        """Install another stage-4 engine (engine passes call this). An engine that must not be
+        replaced — one whose effect lives in transformers' own forward — says why in `exclusive`."""
+        why = getattr(self.engine, "exclusive", None)
+        if why:
+            raise VloptError(why)
+        self.engine = engine
+
     def stage4(self, inp: Stage4Input, *, new_tokens: int, fixed: bool = True):
         """Stage 4 through the current engine."""
         return self.engine.generate(self, inp, new_tokens=new_tokens, fixed=fixed)
