@@ -18,6 +18,7 @@ class Config(PassConfig):
     cuda_graph: bool = True                       # ignored on CPU (no graphs there)
     compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = "default"
     temperature: float = Field(0.0, ge=0.0, le=5.0)   # 0: greedy
+    fuse_projections: bool = False                # [q;k;v] and [gate;up] as one product each (+ their memory)
     lossless: ClassVar[bool] = True               # same math as the baseline; rounding differs
     once: ClassVar[bool] = True
 
@@ -28,7 +29,7 @@ def apply(vlm, cfg: Config, ctx) -> PassOutcome:
     previous = getattr(vlm.engine, "name", type(vlm.engine).__name__)
     vlm.replace_engine(DecodeEngine(compile=cfg.compile, cuda_graph=cfg.cuda_graph,
                                     compile_mode=None if cfg.compile_mode == "default" else cfg.compile_mode,
-                                    temperature=cfg.temperature))
+                                    temperature=cfg.temperature, fuse_projections=cfg.fuse_projections))
     graph = cfg.cuda_graph and vlm.device.type == "cuda"
     return PassOutcome(touched=[f"{vlm.decoder_prefix}.layers", "lm_head"], skipped=list(vlm.vision_modules),
                        saved_as="sidecar",

@@ -68,3 +68,19 @@ def test_a_weight_pass_after_fast_decode_rebuilds_the_step(eventgpt):
     ref = teacher_forced_logits(eventgpt, inp, tokens)
     assert _rel(eventgpt.engine.score(eventgpt, inp, tokens), ref) < 1e-4
     assert ref.argmax(-1).tolist() == tokens
+
+
+def test_fused_projections_give_the_same_logits_and_fall_back_on_quantized_weights(eventgpt):
+    inp = _inp(eventgpt)
+    base = eventgpt.stage4(inp, new_tokens=8).tokens
+    ref = teacher_forced_logits(eventgpt, inp, base)
+    get_registry().apply(eventgpt, {"type": "fast_decode", "compile": False, "fuse_projections": True})
+    result = eventgpt.stage4(inp, new_tokens=8)
+    fused = eventgpt.engine.fused
+    assert fused is not None and fused[0][0].shape[0] == 3 * 64 and fused[0][1].shape[0] == 2 * 128
+    assert _rel(eventgpt.engine.score(eventgpt, inp, base), ref) < 1e-5
+    assert teacher_forced_logits(eventgpt, inp, result.tokens).argmax(-1).tolist() == result.tokens
+    get_registry().apply(eventgpt, {"type": "int8"})       # quantized weights: the engine rebuilds, unfused
+    tokens = eventgpt.stage4(inp, new_tokens=8).tokens
+    assert eventgpt.engine.fused is None
+    assert _rel(eventgpt.engine.score(eventgpt, inp, tokens), teacher_forced_logits(eventgpt, inp, tokens)) < 1e-4

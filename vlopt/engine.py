@@ -62,8 +62,11 @@ class DecodeEngine:
     name = "fast_decode"
 
     def __init__(self, *, compile: bool = True, cuda_graph: bool = True, compile_mode: str | None = None,
-                 block: int = 256, check_every: int = 8, temperature: float = 0.0, num_layers: int | None = None):
+                 block: int = 256, check_every: int = 8, temperature: float = 0.0, num_layers: int | None = None,
+                 fuse_projections: bool = False):
         self.compile = compile
+        self.fuse_projections = fuse_projections   # one q/k/v and one gate/up product per layer (copies)
+        self.fused = None
         self.cuda_graph = cuda_graph
         self.compile_mode = compile_mode
         self.block = block
@@ -98,6 +101,7 @@ class DecodeEngine:
             self.cache = None
             self._step = None
             self._graph = None
+            self.fused = self._fuse(vlm) if self.fuse_projections else None
         tm = vlm.text_model
         cfg = tm.config
         self.layers = list(tm.layers)[: self.num_layers or len(tm.layers)]
@@ -105,6 +109,21 @@ class DecodeEngine:
         self.n_heads = cfg.num_attention_heads
         self.kv_heads = cfg.num_key_value_heads or cfg.num_attention_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+    @staticmethod
+    def _fuse(vlm) -> list | None:
+        """Per layer, [q;k;v] and [gate;up] weights concatenated, so a decode step reads them in two
+        large products instead of five small ones. Plain weights without bias only (None otherwise);
+        the copies cost their size in memory (the report's peak memory shows it)."""
+        fused = []
+        for layer in vlm.text_model.layers:
+            a, m = layer.self_attn, layer.mlp
+            mods = [a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj]
+            if any(type(x.weight.data) is not torch.Tensor or x.bias is not None for x in mods):
+                return None
+            fused.append((torch.cat([x.weight.detach() for x in mods[:3]]),
+                          torch.cat([x.weight.detach() for x in mods[3:]])))
+        return fused
 
     def _ensure_cache(self, vlm, needed: int) -> None:
         if self.cache is not None and self.cache.max_len >= needed:
@@ -135,9 +154,14 @@ class DecodeEngine:
         for i, layer in enumerate(self.layers[:num_layers]):
             attn = layer.self_attn
             h = layer.input_layernorm(x)
-            q = _linear(attn.q_proj, h, dense).view(1, T, self.n_heads, self.head_dim).transpose(1, 2)
-            k = _linear(attn.k_proj, h, dense).view(1, T, self.kv_heads, self.head_dim).transpose(1, 2)
-            v = _linear(attn.v_proj, h, dense).view(1, T, self.kv_heads, self.head_dim).transpose(1, 2)
+            if self.fused:
+                q, k, v = F.linear(h, self.fused[i][0]).split(
+                    [self.n_heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim], -1)
+            else:
+                q, k, v = _linear(attn.q_proj, h, dense), _linear(attn.k_proj, h, dense), _linear(attn.v_proj, h, dense)
+            q = q.view(1, T, self.n_heads, self.head_dim).transpose(1, 2)
+            k = k.view(1, T, self.kv_heads, self.head_dim).transpose(1, 2)
+            v = v.view(1, T, self.kv_heads, self.head_dim).transpose(1, 2)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             kc, vc = self.cache.k[i], self.cache.v[i]
@@ -150,8 +174,11 @@ class DecodeEngine:
                 o = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, enable_gqa=gqa)
             x = x + _linear(attn.o_proj, o.transpose(1, 2).reshape(1, T, self.n_heads * self.head_dim), dense)
             mlp, h = layer.mlp, layer.post_attention_layernorm(x)
-            x = x + _linear(mlp.down_proj, mlp.act_fn(_linear(mlp.gate_proj, h, dense)) * _linear(mlp.up_proj, h, dense),
-                            dense)
+            if self.fused:
+                gate, up = F.linear(h, self.fused[i][1]).chunk(2, -1)
+            else:
+                gate, up = _linear(mlp.gate_proj, h, dense), _linear(mlp.up_proj, h, dense)
+            x = x + _linear(mlp.down_proj, mlp.act_fn(gate) * up, dense)
         return self._vlm.text_model.norm(x)
 
     def _pick(self, logits: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,9 @@
 """One row per pass on a `7b` model: each pass applied alone to a fresh model by the real manager,
 against the HF-eager baseline measured in the same run (issue 4's per-pass table).
 
-Usage: python bench/gpu/passes.py MODEL OUT.json [--smoke]
+A row may be a chain (its last pass is the one measured against the pass before it, e.g.
+feature_cache prefix after fast_decode on the 10-questions workload).
+Usage: python bench/gpu/passes.py MODEL OUT.json [--smoke] [--only TYPE,...]
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
 PASSES = [
     ({"type": "attention", "implementation": "flash"}, {}),
     ({"type": "prune_visual", "method": "cls_attention", "keep": 0.25}, {}),
+    ({"type": "prune_visual", "method": "fastv", "keep": 0.25, "after_layer": 2}, {}),
+    ([{"type": "fast_decode"}, {"type": "feature_cache", "scope": "prefix"}], {"workload": "{model}-10q"}),
     ({"type": "feature_cache", "scope": "request"}, {}),
     ({"type": "int8", "backend": "bitsandbytes"}, {}),
     ({"type": "int4", "backend": "bitsandbytes", "quant_type": "nf4", "compute_dtype": "bfloat16"}, {}),
@@ -33,20 +37,27 @@ def main() -> None:
 
     model, out_path = sys.argv[1], sys.argv[2]
     smoke = "--smoke" in sys.argv
+    only = sys.argv[sys.argv.index("--only") + 1].split(",") if "--only" in sys.argv else None
     spec = ({"name": model, "preset": "tiny", "dtype": "float32", "device": "cpu"} if smoke else
             {"name": model, "preset": "7b", "dtype": "bfloat16", "device": "cuda"})
     rows = []
-    for cfg, bench in PASSES:
-        if smoke and cfg.get("implementation") == "flash":
+    for cfgs, bench in PASSES:
+        chain = cfgs if isinstance(cfgs, list) else [cfgs]
+        cfg = chain[-1]
+        key = cfg.get("method") or cfg.get("scope") or cfg["type"]
+        if (smoke and cfg.get("implementation") == "flash") or (only and key not in only):
             continue
-        recipe = {"model": spec, "benchmark": {"samples": 2, "warmup": 1, **bench}, "passes": [cfg]}
+        bench = {k: v.format(model=model) if isinstance(v, str) else v for k, v in bench.items()}
+        recipe = {"model": spec, "benchmark": {"samples": 2, "warmup": 1, **bench}, "passes": chain}
         with tempfile.TemporaryDirectory() as tmp:
             result = run_recipe(recipe, tmp)
-        base, row = result.report["baseline"], result.report["passes"][0]
-        rows.append({"config": cfg, "benchmark": bench, "baseline": base, "row": row})
+        base, row = result.report["baseline"], result.report["passes"][-1]
+        rows.append({"config": cfg, "chain": chain, "benchmark": bench, "baseline": base, "row": row,
+                     "previous": result.report["passes"][-2] if len(chain) > 1 else None})
         s0, s1 = base["stage4"], row.get("stage4") or {}
         print(f"{model:10s} {cfg['type']:13s} {row['status']:8s} base {s0['stage4_ms']:8.1f} ms -> "
               f"{s1.get('stage4_ms', float('nan')):8.1f} ms  x{row.get('speedup_vs_baseline') or float('nan'):.2f}  "
+              f"x{row.get('speedup_vs_previous') or float('nan'):.2f} previous  "
               f"prefill {s0['prefill_ms']:.1f}->{s1.get('prefill_ms', float('nan')):.1f}  "
               f"ctx {s0['context_tokens']}->{s1.get('context_tokens')}  tokens {s0['new_tokens']}->{s1.get('new_tokens')}  "
               f"peak {s0['peak_mem_mb']:.0f}->{s1.get('peak_mem_mb', float('nan')):.0f} MB  fid {row.get('fidelity')}  "
