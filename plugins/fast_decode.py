@@ -1,7 +1,9 @@
 """`fast_decode`: replace stage 4's `generate()` with vlopt's own decode loop (`vlopt.engine`):
 static KV cache, eager prefill, compiled `decode_one_token`, replayed as a CUDA graph on GPU.
-Runtime only (nothing in the weights changes); composes with int8/int4 weight passes applied
-before or after it, since the step calls the model's own (possibly quantized) modules."""
+Runtime only (no weight value changes; with `fuse_projections` the q/k/v and gate/up weights become
+views into one buffer per layer, saved as ordinary separate tensors); composes with int8/int4 weight
+passes applied before or after it, since the step calls the model's own (possibly quantized)
+modules (quantized projections stay unfused)."""
 
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ class Config(PassConfig):
     cuda_graph: bool = True                       # ignored on CPU (no graphs there)
     compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = "default"
     temperature: float = Field(0.0, ge=0.0, le=5.0)   # 0: greedy
-    fuse_projections: bool = False                # [q;k;v] and [gate;up] as one product each (+ their memory)
+    fuse_projections: bool = True      # [q;k;v] and [gate;up] as one product each (weights become views)
+    tune: bool = True                  # Inductor coordinate-descent tuning while the step compiles
     lossless: ClassVar[bool] = True               # same math as the baseline; rounding differs
     once: ClassVar[bool] = True
 
@@ -29,7 +32,8 @@ def apply(vlm, cfg: Config, ctx) -> PassOutcome:
     previous = getattr(vlm.engine, "name", type(vlm.engine).__name__)
     vlm.replace_engine(DecodeEngine(compile=cfg.compile, cuda_graph=cfg.cuda_graph,
                                     compile_mode=None if cfg.compile_mode == "default" else cfg.compile_mode,
-                                    temperature=cfg.temperature, fuse_projections=cfg.fuse_projections))
+                                    temperature=cfg.temperature, fuse_projections=cfg.fuse_projections,
+                                    tune=cfg.tune))
     graph = cfg.cuda_graph and vlm.device.type == "cuda"
     return PassOutcome(touched=[f"{vlm.decoder_prefix}.layers", "lm_head"], skipped=list(vlm.vision_modules),
                        saved_as="sidecar",

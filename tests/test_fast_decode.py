@@ -6,6 +6,7 @@ from vlopt.engine import DecodeEngine
 from vlopt.models import get_workload
 from vlopt.plugins import get_registry
 from vlopt.testing import assert_fidelity, run_pass
+from vlopt.testing import tiny_model as build_tiny
 
 
 def _inp(vlm):
@@ -84,3 +85,25 @@ def test_fused_projections_give_the_same_logits_and_fall_back_on_quantized_weigh
     tokens = eventgpt.stage4(inp, new_tokens=8).tokens
     assert eventgpt.engine.fused is None
     assert _rel(eventgpt.engine.score(eventgpt, inp, tokens), teacher_forced_logits(eventgpt, inp, tokens)) < 1e-4
+
+
+def test_fused_weights_are_views_and_save_as_ordinary_tensors(tmp_path):
+    import vlopt
+    from vlopt.testing import run_recipe
+
+    recipe = {"model": {"name": "eventgpt", "preset": "tiny", "dtype": "float32", "device": "cpu"},
+              "benchmark": {"samples": 1, "warmup": 0, "new_tokens": 6},
+              "passes": [{"type": "fast_decode", "compile": False}]}
+    result = run_recipe(recipe, tmp_path, output=True)
+    assert result.exit_code == 0, result.failures
+    row = result.report["passes"][0]
+    assert row["fidelity"]["first_divergence"] is None
+    loaded = vlopt.load(tmp_path / "out")
+    fresh = build_tiny("eventgpt")
+    for name, t in fresh.hf.state_dict().items():          # same values, one tensor per module
+        torch.testing.assert_close(loaded.hf.state_dict()[name], t, rtol=0, atol=0)
+    inp = _inp(loaded)
+    tokens = loaded.stage4(inp, new_tokens=6).tokens        # the replayed engine fuses the loaded weights
+    a = loaded.text_model.layers[0].self_attn
+    assert a.q_proj.weight.untyped_storage().data_ptr() == a.v_proj.weight.untyped_storage().data_ptr()
+    assert _rel(loaded.engine.score(loaded, inp, tokens), teacher_forced_logits(fresh, inp, tokens)) < 1e-5

@@ -69,6 +69,27 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _separate_views(state: dict) -> dict | None:
+    """Weights that are different views of one buffer (fast_decode's fused projections) as separate
+    CPU copies: safetensors refuses tensors that share memory unless they are one tied tensor.
+    None when there are none (save_pretrained then reads the model itself)."""
+    import torch
+
+    by_storage: dict = {}
+    for name, t in state.items():
+        if type(t) is torch.Tensor:
+            by_storage.setdefault((t.device, t.untyped_storage().data_ptr()), []).append(name)
+    shared = [names for names in by_storage.values()
+              if len({(state[n].data_ptr(), tuple(state[n].shape)) for n in names}) > 1]
+    if not shared:
+        return None
+    state = dict(state)
+    for names in shared:
+        for n in names:
+            state[n] = state[n].detach().to("cpu", copy=True)
+    return state
+
+
 def write_output(out: Path, *, vlm, resolved: dict, report: dict, state_dict=None, force: bool = False) -> Path:
     """Write the whole directory next to `out`, then rename it into place. `vlm=None` writes the
     report and recipe only (a run that failed: no weights to trust)."""
@@ -85,6 +106,7 @@ def write_output(out: Path, *, vlm, resolved: dict, report: dict, state_dict=Non
     tmp.mkdir()
     try:
         if vlm is not None:
+            state_dict = state_dict if state_dict is not None else _separate_views(vlm.hf.state_dict())
             kwargs = {"state_dict": state_dict} if state_dict is not None else {}
             vlm.hf.save_pretrained(str(tmp), **kwargs)
             vlm.tokenizer.save_pretrained(str(tmp))

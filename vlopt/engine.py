@@ -12,6 +12,7 @@ torchao weight-only int8/int4 tensors dispatch to their own kernels inside the c
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -63,10 +64,11 @@ class DecodeEngine:
 
     def __init__(self, *, compile: bool = True, cuda_graph: bool = True, compile_mode: str | None = None,
                  block: int = 256, check_every: int = 8, temperature: float = 0.0, num_layers: int | None = None,
-                 fuse_projections: bool = False):
+                 fuse_projections: bool = False, tune: bool = False):
         self.compile = compile
-        self.fuse_projections = fuse_projections   # one q/k/v and one gate/up product per layer (copies)
+        self.fuse_projections = fuse_projections   # one q/k/v and one gate/up product per layer
         self.fused = None
+        self.tune = tune
         self.cuda_graph = cuda_graph
         self.compile_mode = compile_mode
         self.block = block
@@ -102,6 +104,7 @@ class DecodeEngine:
             self._step = None
             self._graph = None
             self.fused = self._fuse(vlm) if self.fuse_projections else None
+            self._sig = self._signature(vlm)      # fusing gave the projections new (view) parameters
         tm = vlm.text_model
         cfg = tm.config
         self.layers = list(tm.layers)[: self.num_layers or len(tm.layers)]
@@ -112,17 +115,27 @@ class DecodeEngine:
 
     @staticmethod
     def _fuse(vlm) -> list | None:
-        """Per layer, [q;k;v] and [gate;up] weights concatenated, so a decode step reads them in two
-        large products instead of five small ones. Plain weights without bias only (None otherwise);
-        the copies cost their size in memory (the report's peak memory shows it)."""
+        """Per layer, [q;k;v] and [gate;up] weights in one buffer each, so a decode step reads them in
+        two large products instead of five small ones (measured: bench/results/h100/fuse.md). The
+        modules' weights become views into those buffers — same values, no extra memory, and the HF
+        forward and checkpoints see the usual per-module tensors. Plain weights without bias only:
+        None (unfused) otherwise, e.g. after int8/int4."""
+        mods = [(a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj)
+                for a, m in ((layer.self_attn, layer.mlp) for layer in vlm.text_model.layers)]
+        if any(type(x.weight.data) is not torch.Tensor or x.bias is not None for group in mods for x in group):
+            return None
         fused = []
-        for layer in vlm.text_model.layers:
-            a, m = layer.self_attn, layer.mlp
-            mods = [a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj]
-            if any(type(x.weight.data) is not torch.Tensor or x.bias is not None for x in mods):
-                return None
-            fused.append((torch.cat([x.weight.detach() for x in mods[:3]]),
-                          torch.cat([x.weight.detach() for x in mods[3:]])))
+        for group in mods:
+            buffers = []
+            for part in (group[:3], group[3:]):
+                buffer = torch.cat([x.weight.detach() for x in part])
+                start = 0
+                for x in part:
+                    rows = x.weight.shape[0]
+                    x.weight = torch.nn.Parameter(buffer[start:start + rows], requires_grad=x.weight.requires_grad)
+                    start += rows
+                buffers.append(buffer)
+            fused.append(tuple(buffers))
         return fused
 
     def _ensure_cache(self, vlm, needed: int) -> None:
@@ -207,6 +220,14 @@ class DecodeEngine:
         return self._pick(vlm.lm_head(h[:, -1]))[0].reshape(1)
 
     # ---- compile and capture -------------------------------------------------------------------
+    def _tuning(self):
+        """Inductor's coordinate-descent tuning of the step's Triton kernels (block sizes, warps) while
+        the step compiles: measured on the H100 to matter at batch 1 (bench/results/h100/fuse.md)."""
+        if not (self.compile and self.tune):
+            return contextlib.nullcontext()
+        import torch._inductor.config as inductor_config
+        return inductor_config.patch(coordinate_descent_tuning=True)
+
     def _ensure_step(self, vlm) -> None:
         if self._step is None:
             if self.compile:
@@ -258,11 +279,12 @@ class DecodeEngine:
         first_use = self._step is None or (self._graph is None and self.cuda_graph and vlm.device.type == "cuda")
         if first_use:
             start = time.perf_counter()
-            self._ensure_step(vlm)
-            if vlm.device.type != "cuda" and self.compile:   # compile now, not inside the timed loop
-                self._step(torch.zeros(1, dtype=torch.long, device=vlm.device),
-                           torch.tensor([L], device=vlm.device))
-                self.compile_s += time.perf_counter() - start
+            with self._tuning():
+                self._ensure_step(vlm)
+                if self._graph is None and self.compile:   # compile now, not inside the timed loop
+                    self._step(torch.zeros(1, dtype=torch.long, device=vlm.device),
+                               torch.tensor([L], device=vlm.device))
+                    self.compile_s += time.perf_counter() - start
         sync(vlm.device)
         t0 = time.perf_counter()
         reused = self._common_prefix(inp.embeds) if self.reuse_prefix else 0
