@@ -50,12 +50,16 @@ def main() -> None:
     def wanted(name):
         return only is None or name in only or name == "hf_eager"
 
-    def layer_error(vlm):
-        """Relative error of one quantized projection against its bf16 original on random rows:
-        checks the kernel itself, which random-weight logits cannot."""
-        lin = vlm.text_model.layers[0].mlp.down_proj
-        x = torch.randn(4, lin.in_features, device=vlm.device, dtype=vlm.dtype)
-        return ((lin(x) - x @ lin.weight.dequantize().T.to(x.dtype)).norm() / (x @ lin.weight.dequantize().T).norm()).item()
+    def quantization_errors(lin, original):
+        """Relative error of a quantized projection's effective weight (read back as lin(I), which
+        works for every torchao layout, tile-packed int4 included) and of its output on random rows,
+        both against the bf16 original: checks the kernel itself, which random-weight logits cannot."""
+        eye = torch.eye(lin.in_features, device=original.device, dtype=original.dtype)
+        w_hat = lin(eye).T.float()
+        x = torch.randn(4, lin.in_features, device=original.device, dtype=original.dtype)
+        exact = (x @ original.T).float()
+        return ((w_hat - original.float()).norm() / original.float().norm()).item(), \
+            ((lin(x).float() - exact).norm() / exact.norm()).item()
 
     def record(name, vlm, wl, ref, passes, apply_s=0.0, warmup=2, lossless=False):
         if not wanted(name):
@@ -97,9 +101,9 @@ def main() -> None:
     original = vlm.text_model.layers[0].mlp.down_proj.weight.detach().clone()
     s1, _ = apply(vlm, {"type": "fast_decode"})
     s2, _ = apply(vlm, {"type": "int4", "group_size": 128 if not smoke else 32})
-    w = vlm.text_model.layers[0].mlp.down_proj.weight
-    results["int4_weight_rel_error"] = ((w.dequantize().float() - original.float()).norm() / original.float().norm()).item()
-    results["int4_layer_rel_error"] = layer_error(vlm)
+    with torch.no_grad():
+        results["int4_weight_rel_error"], results["int4_layer_rel_error"] = quantization_errors(
+            vlm.text_model.layers[0].mlp.down_proj, original)
     print("int4 weight / layer-output relative error:", results["int4_weight_rel_error"], results["int4_layer_rel_error"])
     record("fast_decode_int4", vlm, wl, ref, ["fast_decode", "int4"], s1 + s2)
     if not skip_peer and wanted("hf_static_compile"):
