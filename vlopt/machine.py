@@ -19,7 +19,10 @@ def _version(dist: str) -> str | None:
 
 @functools.lru_cache(maxsize=1)
 def git_commit() -> str | None:
-    """The commit of the vlopt source tree, with `+dirty` when it has uncommitted changes."""
+    """The commit of the vlopt source tree, with `+dirty` when it has uncommitted changes.
+    VLOPT_COMMIT wins when set: a copied tree (the lent GPU's) can carry a stale `.git`."""
+    if os.environ.get("VLOPT_COMMIT"):
+        return os.environ["VLOPT_COMMIT"]
     root = Path(__file__).resolve().parent.parent
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
