@@ -92,6 +92,10 @@ def benchmark(vlm, workload: Workload, *, samples: int = 3, warmup: int = 1, new
         from vlopt.models.tokenizer import QUESTIONS
         questions = QUESTIONS[: workload.questions]
     questions = questions or [DEFAULT_QUESTION]
+    if len(questions) > 1:
+        # Every question once before timing: each prompt length is a new shape, and on the H100 a
+        # shape's first prefill cost up to ~1 s (bench/results/h100/passes.md), which is warm-up.
+        warmup = max(warmup, len(questions))
     for i in range(warmup):
         run_sample(vlm, workload, input_path=input_path, new_tokens=new_tokens, fixed=fixed,
                    question=questions[i % len(questions)])

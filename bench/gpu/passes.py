@@ -19,7 +19,7 @@ PASSES = [
     ({"type": "attention", "implementation": "flash"}, {}),
     ({"type": "prune_visual", "method": "cls_attention", "keep": 0.25}, {}),
     ({"type": "prune_visual", "method": "fastv", "keep": 0.25, "after_layer": 2}, {}),
-    ([{"type": "fast_decode", "tune": False}, {"type": "feature_cache", "scope": "prefix"}], {"workload": "{model}-10q"}),
+    ([{"type": "fast_decode", "tune": False}, {"type": "feature_cache", "scope": "prefix"}], {"workload": "{model}-10q", "samples": 4}),
     ({"type": "feature_cache", "scope": "request"}, {}),
     ({"type": "int8", "backend": "bitsandbytes"}, {}),
     ({"type": "int4", "backend": "bitsandbytes", "quant_type": "nf4", "compute_dtype": "bfloat16"}, {}),
