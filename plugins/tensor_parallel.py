@@ -6,7 +6,10 @@ plan transformers' `base_model_tp_plan` names for LLaMA. Embeddings, norms and l
 on every rank, so every rank computes the same logits and greedy tokens. The vision side runs on
 every rank (it is deterministic, and small next to the decoder). Launch with
 `torchrun --nproc-per-node N -m vlopt.cli apply RECIPE`; rank 0 writes reports and checkpoints, and
-the checkpoint keeps the unsharded weights (the pass is re-applied on load under torchrun)."""
+the checkpoint keeps the unsharded weights (the pass is re-applied on load under torchrun).
+Composes with fast_decode in either order: the engine takes its head counts from the sharded
+projections, and the all-reduce is a functional collective, so it traces into the compiled step
+(and, with NCCL, into its CUDA graph — not run yet: no multi-GPU machine has been lent)."""
 
 from __future__ import annotations
 
@@ -42,10 +45,13 @@ class RowParallelLinear(torch.nn.Module):
         self.group = group
 
     def forward(self, x):
+        # The functional all-reduce traces into fast_decode's compiled step (the in-place one breaks
+        # the graph); outside a compile it runs eagerly like any collective.
+        from torch.distributed import _functional_collectives as collectives
         import torch.distributed as dist
 
-        out = torch.nn.functional.linear(x, self.weight)
-        dist.all_reduce(out, group=self.group)
+        out = collectives.all_reduce(torch.nn.functional.linear(x, self.weight), "sum",
+                                     self.group or dist.group.WORLD)
         return out if self.bias is None else out + self.bias
 
 

@@ -59,6 +59,43 @@ def test_two_gloo_ranks_match_the_single_process_logits(tmp_path, model):
     assert r0["info"] == {"rank": 0, "world_size": 2} and r1["info"]["rank"] == 1
 
 
+def _fast_decode_worker(rank, size, port, out_dir):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), HF_HUB_OFFLINE="1", VLOPT_LOAD_PLUGINS="")
+    dist.init_process_group("gloo", rank=rank, world_size=size)
+    try:
+        from vlopt.decode import teacher_forced_logits
+        from vlopt.models import get_workload, load_model
+        from vlopt.plugins import get_registry
+
+        vlm = load_model("videollava", preset="tiny", dtype="float32", device="cpu")
+        inp = vlm.run_stages(None, get_workload("videollava"), "What is here?")
+        tokens = vlm.stage4(inp, new_tokens=8).tokens
+        single = teacher_forced_logits(vlm, inp, tokens)
+        get_registry().apply(vlm, {"type": "tensor_parallel", "size": size})
+        get_registry().apply(vlm, {"type": "fast_decode"})      # compiled; the all-reduce is in the graph
+        result = vlm.stage4(inp, new_tokens=8)
+        torch.save({"single": single, "engine": vlm.engine.score(vlm, inp, tokens), "tokens": tokens,
+                    "engine_tokens": result.tokens, "heads": vlm.engine.n_heads,
+                    "fused": vlm.engine.fused is not None, "compile_s": result.info["compile_s"]},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fast_decode_on_two_gloo_ranks_matches_the_single_process(tmp_path):
+    mp.spawn(_fast_decode_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for i in range(2):
+        r = torch.load(tmp_path / f"rank{i}.pt", weights_only=True)
+        assert r["heads"] == 4 // 2 and r["fused"] and r["compile_s"] > 0   # its own shard, fused, compiled
+        torch.testing.assert_close(r["engine"], r["single"], rtol=1e-5, atol=1e-5)
+        # greedy tokens agree up to a position where the single-process top two are near-tied
+        first = next((j for j, (a, b) in enumerate(zip(r["engine_tokens"], r["tokens"])) if a != b), None)
+        if first is not None:
+            assert float(r["single"][first].topk(2).values.diff().abs()) < 1e-4
+
+
 def test_without_torchrun_it_is_a_clear_error(eventgpt):
     from vlopt.errors import VloptError
     from vlopt.plugins import get_registry

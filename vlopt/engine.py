@@ -109,9 +109,11 @@ class DecodeEngine:
         cfg = tm.config
         self.layers = list(tm.layers)[: self.num_layers or len(tm.layers)]
         self.eos_id = vlm.eos_token_id
-        self.n_heads = cfg.num_attention_heads
-        self.kv_heads = cfg.num_key_value_heads or cfg.num_attention_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        # Heads this process holds: all of them, or its shard under tensor_parallel.
+        attn = self.layers[0].self_attn
+        self.n_heads = attn.q_proj.out_features // self.head_dim
+        self.kv_heads = attn.k_proj.out_features // self.head_dim
 
     @staticmethod
     def _fuse(vlm) -> list | None:
