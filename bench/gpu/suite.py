@@ -90,6 +90,11 @@ def main() -> None:
         torch._dynamo.reset()                  # else the next engine's step may be served from this one's cache
     s, _ = apply(vlm, {"type": "fast_decode"})
     record("fast_decode_bf16", vlm, wl, ref, ["fast_decode"], s, lossless=True)
+    if wanted("fast_decode_bf16_max_autotune"):   # + Inductor's autotuned matmul templates
+        torch._dynamo.reset()
+        s, _ = apply(vlm, {"type": "fast_decode", "compile_mode": "max-autotune-no-cudagraphs"})
+        record("fast_decode_bf16_max_autotune", vlm, wl, ref, ["fast_decode(compile_mode=max-autotune-no-cudagraphs)"],
+               s, lossless=True)
     if wanted("fast_decode_int8"):
         s, _ = apply(vlm, {"type": "int8"})
         record("fast_decode_int8", vlm, wl, ref, ["fast_decode", "int8"], s)
