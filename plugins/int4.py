@@ -4,7 +4,13 @@
 kernel (needs bfloat16 weights: apply `dtype: bfloat16` first); on CPU torchao's IntxWeightOnly int4,
 which stores the 4-bit values in int8 (same numerics, no memory saving there).
 `backend: bitsandbytes` — NF4 or FP4 (`quant_type`), optional double quantization, `compute_dtype`.
-int4 tensors are re-quantized on load (deterministic) rather than serialized."""
+int4 tensors are re-quantized on load (deterministic) rather than serialized.
+
+tinygemm is a GEMV: at hundreds of prompt rows it makes prefill ~10× slower than bf16, and torchao
+0.18 cannot dequantize its tile-packed layout. With `dense_prefill` (CUDA, the default) each layer
+also keeps its 4-bit codes in plain order (+0.5 byte per weight, next to the 0.5 of the packed
+copy); `prefill_weight()` rebuilds the dense weight from them, and fast_decode's prefill uses that —
+the same values the kernel multiplies by."""
 
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ class Config(ModuleSelection):
     quant_type: Literal["nf4", "fp4"] = "nf4"                 # bitsandbytes
     double_quant: bool = True                                 # bitsandbytes
     compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"   # bitsandbytes
+    dense_prefill: bool = True                                # torchao on CUDA: keep plain codes for prefill
     changes_weights: ClassVar[bool] = True
     once: ClassVar[bool] = True
 
@@ -39,8 +46,17 @@ def apply(vlm, cfg: Config, ctx):
             if vlm.dtype != torch.bfloat16:
                 raise VloptError("int4 torchao on CUDA needs a bfloat16 decoder; put `{type: dtype, dtype: "
                                  f"bfloat16}}` before it (the decoder is {str(vlm.dtype)[6:]})")
+            from vlopt_passes._quant import _linears
             ao = Int4WeightOnlyConfig(group_size=cfg.group_size, int4_packing_format="tile_packed_to_4d")
             note = f"torchao int4 weight-only, tinygemm tile-packed, group {cfg.group_size}"
+            if cfg.dense_prefill:
+                chosen, _ = _linears(vlm, cfg)
+                originals = [(module, module.weight.detach()) for _, module in chosen]
+                outcome = torchao_quantize(vlm, cfg, ao, serializable=False, notes=[note])
+                kept = sum(_keep_plain_codes(module, weight, cfg.group_size) for module, weight in originals)
+                outcome.notes.append(f"dense prefill: plain 4-bit codes kept for {kept} of {len(originals)} layers "
+                                     "(+0.5 byte per weight) so fast_decode's prefill multiplies dense weights")
+                return outcome
         else:
             from torchao.quantization import IntxWeightOnlyConfig
             from torchao.quantization.granularity import PerGroup
@@ -65,3 +81,40 @@ def apply(vlm, cfg: Config, ctx):
         return q
 
     return bnb_replace(vlm, cfg, make)
+
+
+class PlainInt4:
+    """A tinygemm-quantized weight's 4-bit codes in plain row-major order, two per byte, with views
+    of its scales and zeros: `()` gives the dense weight, (code − 8) · scale + zero per group."""
+
+    def __init__(self, codes, scale, zero, group_size: int):
+        self.packed = (codes[:, ::2] << 4 | codes[:, 1::2]).to(codes.dtype)    # [N, K/2] uint8
+        self.scale, self.zero, self.group_size = scale, zero, group_size        # [N, K/g, 1]
+
+    def __call__(self):
+        import torch
+
+        rows, half = self.packed.shape
+        codes = torch.stack((self.packed >> 4, self.packed & 15), dim=-1).view(rows, -1, self.group_size)
+        dense = (codes.to(self.scale.dtype) - 8) * self.scale + self.zero
+        return dense.view(rows, 2 * half)
+
+
+def _keep_plain_codes(module, original, group_size: int) -> bool:
+    """Attach `prefill_weight` to a Linear whose weight torchao just tile-packed: the codes come from
+    torchao's own quantizer with the tensor's own scales and zeros, so they are the packed values."""
+    import torch
+    from torchao.quantization.quant_primitives import _quantize_affine_tinygemm
+    from torchao.quantization.utils import unpack_tinygemm_scales_and_zeros
+
+    weight = module.weight
+    if not hasattr(weight, "scale_and_zero") or tuple(weight.shape) != tuple(original.shape):
+        return False
+    scale, zero = unpack_tinygemm_scales_and_zeros(weight.scale_and_zero)        # views, [N, K/g, 1] each
+    rows, cols = original.shape
+    if scale.shape[:2] != (rows, cols // group_size):      # padded by torchao: leave it to the kernel
+        return False
+    codes = _quantize_affine_tinygemm(original, [1, group_size], scale.squeeze(-1), zero.squeeze(-1),
+                                      torch.uint8, 0, 15)
+    module.prefill_weight = PlainInt4(codes, scale, zero, group_size)
+    return True

@@ -89,3 +89,26 @@ def test_passes_the_checkpoint_cannot_hold_are_reapplied_on_load(tmp_path, cfg):
 def test_quantizing_twice_is_a_recipe_conflict(tmp_path):
     with pytest.raises(VloptError, match="repeats 'int4'.*may appear once"):
         run_recipe({"model": {"name": "eventgpt"}, "passes": [{"type": "int4"}, {"type": "int4"}]}, tmp_path)
+
+
+def test_plain_int4_codes_rebuild_the_tinygemm_dequantized_weight():
+    """The dense-prefill form of CUDA int4 (tinygemm tile-packed, which torchao cannot dequantize):
+    torchao's own tinygemm quantizer on the CPU, then PlainInt4 against torchao's dequantizer."""
+    from torchao.quantization.quant_primitives import (
+        MappingType, _choose_qparams_affine_tinygemm, _dequantize_affine_tinygemm, _quantize_affine_tinygemm)
+    from vlopt_passes.int4 import PlainInt4, _keep_plain_codes
+
+    torch.manual_seed(0)
+    w = torch.randn(48, 256, dtype=torch.bfloat16)
+    scale, zero = _choose_qparams_affine_tinygemm(w, MappingType.ASYMMETRIC, (1, 64), torch.int32, 0, 15,
+                                                  scale_dtype=torch.bfloat16, zero_point_dtype=torch.bfloat16)
+    codes = _quantize_affine_tinygemm(w, [1, 64], scale, zero, torch.uint8, 0, 15)
+    assert int(codes.min()) >= 0 and int(codes.max()) <= 15 and len(codes.unique()) == 16
+    expected = _dequantize_affine_tinygemm(codes, [1, 64], scale, zero, torch.uint8, 0, 15, output_dtype=torch.bfloat16)
+    plain = PlainInt4(codes, scale.view(48, 4, 1), zero.view(48, 4, 1), 64)
+    assert plain.packed.shape == (48, 128) and plain.packed.dtype == torch.uint8      # two codes per byte
+    torch.testing.assert_close(plain(), expected, rtol=0, atol=float(scale.abs().max()) * 2 ** -7)
+    assert (plain() - w).abs().max() < scale.abs().max()                           # within a quantization step
+    # a weight that is not tile-packed gets nothing attached
+    linear = torch.nn.Linear(256, 48)
+    assert not _keep_plain_codes(linear, linear.weight.detach(), 64) and not hasattr(linear, "prefill_weight")

@@ -27,10 +27,13 @@ _NO_DEQUANTIZE: set[type] = set()   # tensor types whose dequantize() is not imp
 def _linear(module, x: torch.Tensor, dense: bool) -> torch.Tensor:
     """`module(x)`, except that for many rows (prefill) a weight-only quantized weight is dequantized
     first: low-bit GEMV kernels are built for one row and slow at hundreds of rows, while
-    dequantizing a layer costs one pass over its weights. Tensor types without `dequantize`
-    (torchao's tile-packed int4, measured: bench/results/h100) keep their own kernel."""
+    dequantizing a layer costs one pass over its weights. A weight pass may attach
+    `module.prefill_weight()` (int4 does for tinygemm's tile-packed layout, which torchao cannot
+    dequantize); tensor types with neither keep their own kernel."""
     w = module.weight
     kind = type(w)
+    if dense and kind not in (torch.nn.Parameter, torch.Tensor) and hasattr(module, "prefill_weight"):
+        return F.linear(x, module.prefill_weight().to(x.dtype), module.bias)   # a weight pass's dense form
     if dense and kind not in (torch.nn.Parameter, torch.Tensor) and kind not in _NO_DEQUANTIZE:
         try:
             dense_w = w.dequantize()
