@@ -88,8 +88,9 @@ def main() -> None:
         record("fast_decode_bf16_plain", vlm, wl, ref, ["fast_decode(fuse_projections=false, tune=false)"], s,
                lossless=True)
         torch._dynamo.reset()                  # else the next engine's step may be served from this one's cache
-    s, _ = apply(vlm, {"type": "fast_decode"})
-    record("fast_decode_bf16", vlm, wl, ref, ["fast_decode"], s, lossless=True)
+    if wanted("fast_decode_bf16") or wanted("fast_decode_int8"):
+        s, _ = apply(vlm, {"type": "fast_decode"})
+        record("fast_decode_bf16", vlm, wl, ref, ["fast_decode"], s, lossless=True)
     if wanted("fast_decode_bf16_max_autotune"):   # + Inductor's autotuned matmul templates
         torch._dynamo.reset()
         s, _ = apply(vlm, {"type": "fast_decode", "compile_mode": "max-autotune-no-cudagraphs"})
@@ -111,6 +112,11 @@ def main() -> None:
             vlm.text_model.layers[0].mlp.down_proj, original)
     print("int4 weight / layer-output relative error:", results["int4_weight_rel_error"], results["int4_layer_rel_error"])
     record("fast_decode_int4", vlm, wl, ref, ["fast_decode", "int4"], s1 + s2)
+    if wanted("fast_decode_int4_kernel_prefill"):   # the same int4 weights, prefill through tinygemm
+        for _, module in vlm.hf.named_modules():
+            if hasattr(module, "prefill_weight"):
+                del module.prefill_weight
+        record("fast_decode_int4_kernel_prefill", vlm, wl, ref, ["fast_decode", "int4(dense_prefill=false)"])
     if not skip_peer and wanted("hf_static_compile"):
         del vlm
         vlm = fresh()
