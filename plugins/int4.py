@@ -92,12 +92,28 @@ class PlainInt4:
         self.scale, self.zero, self.group_size = scale, zero, group_size        # [N, K/g, 1]
 
     def __call__(self):
-        import torch
+        fn = _dequantize_compiled() if self.packed.is_cuda else _dequantize
+        return fn(self.packed, self.scale, self.zero, self.group_size)
 
-        rows, half = self.packed.shape
-        codes = torch.stack((self.packed >> 4, self.packed & 15), dim=-1).view(rows, -1, self.group_size)
-        dense = (codes.to(self.scale.dtype) - 8) * self.scale + self.zero
-        return dense.view(rows, 2 * half)
+
+def _dequantize(packed, scale, zero, group_size: int):
+    import torch
+
+    rows, half = packed.shape
+    codes = torch.stack((packed >> 4, packed & 15), dim=-1).view(rows, -1, group_size)
+    return ((codes.to(scale.dtype) - 8) * scale + zero).view(rows, 2 * half)
+
+
+_COMPILED = []
+
+
+def _dequantize_compiled():
+    """One fused kernel per weight shape on the GPU (eager, the unpacking steps cost ~3× the
+    matrix products of a prefill: bench/results/h100/int4-prefill.md)."""
+    if not _COMPILED:
+        import torch
+        _COMPILED.append(torch.compile(_dequantize, dynamic=False))
+    return _COMPILED[0]
 
 
 def _keep_plain_codes(module, original, group_size: int) -> bool:
