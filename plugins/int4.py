@@ -87,21 +87,23 @@ class PlainInt4:
     """A tinygemm-quantized weight's 4-bit codes in plain row-major order, two per byte, with views
     of its scales and zeros: `()` gives the dense weight, (code − 8) · scale + zero per group."""
 
-    def __init__(self, codes, scale, zero, group_size: int):
+    def __init__(self, codes, scale, zero, group_size: int, shape: tuple[int, int] | None = None):
         self.packed = (codes[:, ::2] << 4 | codes[:, 1::2]).to(codes.dtype)    # [N, K/2] uint8
         self.scale, self.zero, self.group_size = scale, zero, group_size        # [N, K/g, 1]
+        self.shape = tuple(shape or codes.shape)      # the weight's own shape (codes may be padded)
 
     def __call__(self):
         fn = _dequantize_compiled() if self.packed.is_cuda else _dequantize
-        return fn(self.packed, self.scale, self.zero, self.group_size)
+        return fn(self.packed, self.scale, self.zero, self.group_size, *self.shape)
 
 
-def _dequantize(packed, scale, zero, group_size: int):
+def _dequantize(packed, scale, zero, group_size: int, rows: int, cols: int):
     import torch
 
-    rows, half = packed.shape
-    codes = torch.stack((packed >> 4, packed & 15), dim=-1).view(rows, -1, group_size)
-    return ((codes.to(scale.dtype) - 8) * scale + zero).view(rows, 2 * half)
+    padded_rows, half = packed.shape
+    codes = torch.stack((packed >> 4, packed & 15), dim=-1).view(padded_rows, -1, group_size)
+    dense = ((codes.to(scale.dtype) - 8) * scale + zero).view(padded_rows, 2 * half)
+    return dense[:rows, :cols].contiguous()
 
 
 _COMPILED = []
@@ -126,11 +128,13 @@ def _keep_plain_codes(module, original, group_size: int) -> bool:
     weight = module.weight
     if not hasattr(weight, "scale_and_zero") or tuple(weight.shape) != tuple(original.shape):
         return False
-    scale, zero = unpack_tinygemm_scales_and_zeros(weight.scale_and_zero)        # views, [N, K/g, 1] each
+    scale, zero = unpack_tinygemm_scales_and_zeros(weight.scale_and_zero)        # views, [N', K'/g, 1] each
     rows, cols = original.shape
-    if scale.shape[:2] != (rows, cols // group_size):      # padded by torchao: leave it to the kernel
+    padded = (scale.shape[0], scale.shape[1] * group_size)    # torchao pads K to 1024s (11008 → 11264)
+    if padded[0] < rows or padded[1] < cols:
         return False
+    original = torch.nn.functional.pad(original, (0, padded[1] - cols, 0, padded[0] - rows))
     codes = _quantize_affine_tinygemm(original, [1, group_size], scale.squeeze(-1), zero.squeeze(-1),
                                       torch.uint8, 0, 15)
-    module.prefill_weight = PlainInt4(codes, scale, zero, group_size)
+    module.prefill_weight = PlainInt4(codes, scale, zero, group_size, shape=(rows, cols))
     return True

@@ -109,6 +109,10 @@ def test_plain_int4_codes_rebuild_the_tinygemm_dequantized_weight():
     assert plain.packed.shape == (48, 128) and plain.packed.dtype == torch.uint8      # two codes per byte
     torch.testing.assert_close(plain(), expected, rtol=0, atol=float(scale.abs().max()) * 2 ** -7)
     assert (plain() - w).abs().max() < scale.abs().max()                           # within a quantization step
+    # codes of a padded weight (torchao pads K to a multiple of 1024) give the unpadded weight back
+    cut = PlainInt4(codes, scale.view(48, 4, 1), zero.view(48, 4, 1), 64, shape=(40, 200))()
+    assert cut.shape == (40, 200) and cut.is_contiguous()
+    torch.testing.assert_close(cut, plain()[:40, :200], rtol=0, atol=0)
     # a weight that is not tile-packed gets nothing attached
     linear = torch.nn.Linear(256, 48)
     assert not _keep_plain_codes(linear, linear.weight.detach(), 64) and not hasattr(linear, "prefill_weight")
