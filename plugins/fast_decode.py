@@ -35,7 +35,10 @@ def apply(vlm, cfg: Config, ctx) -> PassOutcome:
                                     temperature=cfg.temperature, fuse_projections=cfg.fuse_projections,
                                     tune=cfg.tune))
     graph = cfg.cuda_graph and vlm.device.type == "cuda"
+    notes = [f"stage-4 engine: {previous} → fast_decode "
+             f"({'compiled' if cfg.compile else 'eager'}{', CUDA graph' if graph else ''})"]
+    if "+" in previous:   # e.g. attention flash's sdpa_flash wrapper: its masked decode cannot run flash
+        notes.append(f"what wrapped the previous engine ({previous.partition('+')[2]}) does not carry into "
+                     "fast_decode's own attention calls, which use SDPA's default kernel choice")
     return PassOutcome(touched=[f"{vlm.decoder_prefix}.layers", "lm_head"], skipped=list(vlm.vision_modules),
-                       saved_as="sidecar",
-                       notes=[f"stage-4 engine: {previous} → fast_decode "
-                              f"({'compiled' if cfg.compile else 'eager'}{', CUDA graph' if graph else ''})"])
+                       saved_as="sidecar", notes=notes)

@@ -56,6 +56,20 @@ def test_nothing_outside_the_output_path_is_deleted(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["neighbour.txt", "out", "recipe.yaml"]
 
 
+def test_a_killed_runs_leftovers_are_swept_and_a_live_ones_kept(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()                                              # a PID that no longer runs
+    stale = [tmp_path / f".out.vlopt-tmp-{dead.pid}", tmp_path / f".out.vlopt-old-{dead.pid}"]
+    live = tmp_path / f".out.vlopt-tmp-{os.getppid()}"        # the process that started pytest: alive
+    others = [tmp_path / f".other.vlopt-tmp-{dead.pid}", tmp_path / f".out.vlopt-notes-{dead.pid}"]
+    for d in [*stale, live, *others]:
+        d.mkdir()
+        (d / "model.safetensors").write_text("partial")
+    run_recipe({"model": TINY, "benchmark": BENCH, "passes": []}, tmp_path, output=True)
+    assert not any(d.exists() for d in stale)
+    assert live.exists() and all(d.exists() for d in others)   # not ours to remove
+
+
 def test_verify_names_missing_extra_and_altered_files(tmp_path):
     out = run_recipe({"model": TINY, "benchmark": BENCH, "passes": []}, tmp_path, output=True).output
     (out / "vlopt_report.md").write_text("tampered")

@@ -90,6 +90,25 @@ def _separate_views(state: dict) -> dict | None:
     return state
 
 
+def _sweep_leftovers(out: Path) -> None:
+    """Remove the `.NAME.vlopt-tmp-PID` / `.NAME.vlopt-old-PID` siblings that a killed vlopt run left
+    for this output (its process is gone). A live process's are left alone; nothing else is touched."""
+    for leftover in out.parent.glob(f".{out.name}.vlopt-*-*"):
+        kind, _, pid = leftover.name[len(out.name) + 2:].rpartition("-")   # ".NAME." prefix
+        if kind in ("vlopt-tmp", "vlopt-old") and pid.isdigit() and leftover.is_dir() and not _alive(int(pid)):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:      # exists, owned by someone else
+        return True
+    return True
+
+
 def write_output(out: Path, *, vlm, resolved: dict, report: dict, state_dict=None, force: bool = False) -> Path:
     """Write the whole directory next to `out`, then rename it into place. `vlm=None` writes the
     report and recipe only (a run that failed: no weights to trust)."""
@@ -100,6 +119,7 @@ def write_output(out: Path, *, vlm, resolved: dict, report: dict, state_dict=Non
     out = Path(out).absolute()
     check_output(out, force=force)
     out.parent.mkdir(parents=True, exist_ok=True)
+    _sweep_leftovers(out)
     tmp = out.parent / f".{out.name}.vlopt-tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
