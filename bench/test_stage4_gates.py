@@ -19,6 +19,7 @@ CASES = [  # (gate name, pass chain, what is timed)
     ("int8_bitsandbytes", [{"type": "int8", "backend": "bitsandbytes"}], "stage4"),
     ("int4_bitsandbytes", [{"type": "int4", "backend": "bitsandbytes", "compute_dtype": "float32"}], "stage4"),
     ("prune_visual", [{"type": "prune_visual", "keep": 0.5}], "stages"),
+    ("prune_visual_fastv", [{"type": "prune_visual", "method": "fastv", "keep": 0.5}], "stage4"),
     ("layer_skip", [{"type": "layer_skip", "draft_layers": 2, "draft_tokens": 3}], "stage4"),
     ("early_stop", [{"type": "early_stop", "eos_threshold": 0.5}], "stage4"),
 ]
