@@ -107,7 +107,8 @@ class FastV:
 
     def _rank(self, attn, args, kwargs, output):
         """After layer k-1's attention, at prefill (the forward that holds the whole prompt):
-        rank visual rows by the attention the last prompt token pays them, averaged over heads."""
+        rank visual rows by the attention the last prompt token pays them, over all heads (summed:
+        the same ranking as the mean)."""
         import torch
 
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
