@@ -71,6 +71,20 @@ def test_cli_bench_writes_json(tmp_path):
     assert "stage-4 s" in proc.stdout
 
 
+def test_cli_bench_times_a_vlopt_output_with_its_runtime_passes(tmp_path):
+    from vlopt.testing import run_recipe
+
+    recipe = {"model": {"name": "eventgpt", "preset": "tiny", "dtype": "float32", "device": "cpu"},
+              "benchmark": {"samples": 1, "warmup": 0, "new_tokens": 4},
+              "passes": [{"type": "fast_decode", "compile": False}]}
+    folder = run_recipe(recipe, tmp_path, output=True).output
+    proc = _cli("-q", "bench", "--model", str(folder), "--samples", "1", "--warmup", "0", "--new-tokens", "4",
+                "--device", "cpu", "--json", str(tmp_path / "b.json"))
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert data["stage4"]["engine"] == "fast_decode" and data["model"]["name"] == "eventgpt"
+
+
 def test_cli_models_json_lists_both_models():
     proc = _cli("models", "--preset", "7b", "--json")
     assert proc.returncode == 0, proc.stderr

@@ -125,3 +125,15 @@ def test_torchrun_apply_writes_once_from_rank_0_with_full_weights(tmp_path):
     from safetensors import safe_open
     with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:   # unsharded weights saved
         assert f.get_slice("model.layers.0.self_attn.q_proj.weight").get_shape() == [64, 64]
+    # `vlopt bench` on that output under torchrun: the pass is replayed (sharded again), rank 0 reports
+    proc = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", str(_free_port()), "-m", "vlopt.cli",
+                           "-q", "bench", "--model", str(tmp_path / "out"), "--samples", "1", "--warmup", "0",
+                           "--new-tokens", "4", "--json", str(tmp_path / "bench.json")],
+                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "VLOPT_LOAD_PLUGINS": ""})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("stage-4 s") == 1
+    assert json.loads((tmp_path / "bench.json").read_text())["stage4"]["new_tokens"] == 4
+    # and without torchrun it is the tensor_parallel pass's own clear error
+    proc = subprocess.run([sys.executable, "-m", "vlopt.cli", "bench", "--model", str(tmp_path / "out")],
+                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2 and "torchrun --nproc-per-node 2" in proc.stderr

@@ -73,18 +73,27 @@ def bench(model: str = typer.Option("eventgpt", help="eventgpt | videollava | a 
           allow_pickle: bool = typer.Option(False, help="Allow the original pickled-dict event .npy (runs code)."),
           compare: bool = typer.Option(False, "--compare", help="Both models; print the seed's comparison table."),
           json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result JSON here.")):
-    """Time stages 1–4 (stage 4 split into prefill and decode) for one model or both."""
+    """Time stages 1–4 (stage 4 split into prefill and decode) for one model or both. A folder
+    written by `vlopt apply` is loaded with its runtime passes re-applied (its saved dtype), so the
+    optimized model is what gets timed; under torchrun (tensor_parallel) rank 0 alone prints and writes."""
     from vlopt.bench import benchmark, compare_table
+    from vlopt.checkpoint import MANIFEST, load_optimized
     from vlopt.models import get_workload, load_model
 
+    rank = _init_distributed()
+    if rank != 0:
+        STATE["quiet"], json_out = True, None
     console = _console()
     names = ["eventgpt", "videollava"] if compare else [model]
     results = []
     for name in names:
         is_path = not compare and (Path(name).exists() or "/" in name)
         with console.status(f"building {name} ({'checkpoint' if is_path else preset})"):
-            vlm = load_model(None if is_path else name, preset=preset, path=name if is_path else None,
-                             dtype=dtype, device=device, allow_pickle=allow_pickle)
+            if is_path and (Path(name) / MANIFEST).is_file():
+                vlm = load_optimized(name, device=device)
+            else:
+                vlm = load_model(None if is_path else name, preset=preset, path=name if is_path else None,
+                                 dtype=dtype, device=device, allow_pickle=allow_pickle)
         wl = get_workload(workload if (workload and not compare) else vlm.default_workload)
         if wl.model != vlm.name:
             from vlopt.errors import VloptError
@@ -93,6 +102,8 @@ def bench(model: str = typer.Option("eventgpt", help="eventgpt | videollava | a 
             results.append(benchmark(vlm, wl, samples=samples, warmup=warmup, new_tokens=new_tokens,
                                      fixed=not natural, input_path=str(input_path) if input_path else None))
         del vlm
+    if rank != 0:
+        return
     rows = compare_table(results)
     _print_table("stage 4 (the seed's table)", rows, [
         ("model", "model", ""), ("workload", "workload", ""), ("context", "context", "d"),
