@@ -14,6 +14,8 @@ the same values the kernel multiplies by."""
 
 from __future__ import annotations
 
+import functools
+
 from typing import ClassVar, Literal
 
 from vlopt.errors import VloptError
@@ -41,6 +43,7 @@ def apply(vlm, cfg: Config, ctx):
     from vlopt_passes._quant import bnb_replace, torchao_quantize
 
     if cfg.backend == "torchao":
+        originals = []      # (module, bf16 weight) whose plain codes the dense prefill keeps
         if vlm.device.type == "cuda":
             from torchao.quantization import Int4WeightOnlyConfig
             if vlm.dtype != torch.bfloat16:
@@ -50,20 +53,19 @@ def apply(vlm, cfg: Config, ctx):
             ao = Int4WeightOnlyConfig(group_size=cfg.group_size, int4_packing_format="tile_packed_to_4d")
             note = f"torchao int4 weight-only, tinygemm tile-packed, group {cfg.group_size}"
             if cfg.dense_prefill:
-                chosen, _ = _linears(vlm, cfg)
-                originals = [(module, module.weight.detach()) for _, module in chosen]
-                outcome = torchao_quantize(vlm, cfg, ao, serializable=False, notes=[note])
-                kept = sum(_keep_plain_codes(module, weight, cfg.group_size) for module, weight in originals)
-                outcome.notes.append(f"dense prefill: plain 4-bit codes kept for {kept} of {len(originals)} layers "
-                                     "(+0.5 byte per weight) so fast_decode's prefill multiplies dense weights")
-                return outcome
+                originals = [(module, module.weight.detach()) for _, module in _linears(vlm, cfg)[0]]
         else:
             from torchao.quantization import IntxWeightOnlyConfig
             from torchao.quantization.granularity import PerGroup
             ao = IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(cfg.group_size))
             note = (f"torchao IntxWeightOnly int4, group {cfg.group_size} (CPU form: 4-bit values stored in int8, "
                     "so no memory saving on CPU; the CUDA form packs them)")
-        return torchao_quantize(vlm, cfg, ao, serializable=False, notes=[note])
+        outcome = torchao_quantize(vlm, cfg, ao, serializable=False, notes=[note])
+        if originals:
+            kept = sum(_keep_plain_codes(module, weight, cfg.group_size) for module, weight in originals)
+            outcome.notes.append(f"dense prefill: plain 4-bit codes kept for {kept} of {len(originals)} layers "
+                                 "(+0.5 byte per weight) so fast_decode's prefill multiplies dense weights")
+        return outcome
 
     import bitsandbytes as bnb
     compute = getattr(torch, cfg.compute_dtype)
@@ -106,16 +108,12 @@ def _dequantize(packed, scale, zero, group_size: int, rows: int, cols: int):
     return dense[:rows, :cols].contiguous()
 
 
-_COMPILED = []
-
-
+@functools.cache
 def _dequantize_compiled():
     """One fused kernel per weight shape on the GPU (eager, the unpacking steps cost ~3× the
     matrix products of a prefill: bench/results/h100/int4-prefill.md)."""
-    if not _COMPILED:
-        import torch
-        _COMPILED.append(torch.compile(_dequantize, dynamic=False))
-    return _COMPILED[0]
+    import torch
+    return torch.compile(_dequantize, dynamic=False)
 
 
 def _keep_plain_codes(module, original, group_size: int) -> bool:

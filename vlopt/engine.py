@@ -32,15 +32,16 @@ def _linear(module, x: torch.Tensor, dense: bool) -> torch.Tensor:
     dequantize); tensor types with neither keep their own kernel."""
     w = module.weight
     kind = type(w)
-    if dense and kind not in (torch.nn.Parameter, torch.Tensor) and hasattr(module, "prefill_weight"):
-        return F.linear(x, module.prefill_weight().to(x.dtype), module.bias)   # a weight pass's dense form
-    if dense and kind not in (torch.nn.Parameter, torch.Tensor) and kind not in _NO_DEQUANTIZE:
-        try:
-            dense_w = w.dequantize()
-        except (NotImplementedError, RuntimeError, AttributeError):
-            _NO_DEQUANTIZE.add(kind)
-        else:
-            return F.linear(x, dense_w.to(x.dtype), module.bias)
+    if dense and kind not in (torch.nn.Parameter, torch.Tensor):
+        if hasattr(module, "prefill_weight"):                  # a weight pass's own dense form
+            return F.linear(x, module.prefill_weight().to(x.dtype), module.bias)
+        if kind not in _NO_DEQUANTIZE:
+            try:
+                dense_w = w.dequantize()
+            except (NotImplementedError, RuntimeError, AttributeError):
+                _NO_DEQUANTIZE.add(kind)
+            else:
+                return F.linear(x, dense_w.to(x.dtype), module.bias)
     return module(x)
 
 
