@@ -1,0 +1,239 @@
+"""vlopt's own int4 weight layout and its batch-1 GEMV, a Triton kernel.
+
+tinygemm (torchao's CUDA int4 kernel) reads its weights at ~1.3 TB/s on an H100, under half the
+bandwidth (bench/results/h100/profile.md), and its tile-packed layout serves neither prefill nor
+other kernels. Here the layout is chosen for the one-row product that decode is:
+
+- codes q ∈ [0, 15], w = (q − 8) · scale + zero per group of `group_size` along K (tinygemm's
+  convention, so the quantized values are the same as torchao's);
+- K is padded to a multiple of 2 · group_size, Kp; byte b of a row holds column b in its low nibble
+  and column Kp/2 + b in its high nibble. A program of the GEMV reads one contiguous span of bytes
+  per row, two contiguous spans of x, and one scale and zero per row and span;
+- scale and zero are [Kp / group_size, N], so a block of rows reads them contiguously.
+
+The kernel factors the scale out of each group's dot product: Σ w·x = s·Σ q·x + (z − 8s)·Σ x, so a
+code costs an unpack, a convert and one FMA. K is split over `split` programs when N alone is too
+few rows to fill the GPU; the [split, N] float32 partial sums are added by the caller (inside a
+compiled step Inductor fuses that sum into what follows).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    block_n: int = 32
+    split: int = 4
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+class Int4Codes:
+    """A [N, K] weight as 4-bit codes in vlopt's layout (module docstring). `dense()` rebuilds it."""
+
+    def __init__(self, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
+                 shape: tuple[int, int]):
+        self.packed, self.scale, self.zero = packed, scale, zero     # [N, Kp/2] uint8; [Kp/g, N] ×2
+        self.group_size, self.shape = group_size, tuple(shape)
+        self.config = GemvConfig()
+        if packed.is_cuda or _interpreting():
+            register_op()
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
+                   shape: tuple[int, int] | None = None) -> Int4Codes:
+        """codes [N', K'] uint8 in 0..15; scale, zero [N', K'/g] (any strides). N' ≥ N and K' ≥ K may
+        be padded (torchao pads K to multiples of 1024); the padding is kept or extended."""
+        rows, cols = codes.shape
+        step = 2 * group_size
+        padded = -(-cols // step) * step
+        if padded != cols:
+            codes = torch.nn.functional.pad(codes, (0, padded - cols), value=8)
+            extra = (padded - cols) // group_size
+            scale = torch.nn.functional.pad(scale, (0, extra))
+            zero = torch.nn.functional.pad(zero, (0, extra))
+        half = padded // 2
+        packed = (codes[:, :half] | codes[:, half:] << 4).to(torch.uint8).contiguous()
+        return cls(packed, scale.t().contiguous(), zero.t().contiguous(), group_size, shape or (rows, cols))
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, group_size: int) -> Int4Codes:
+        """Asymmetric min/max int4 per group (tinygemm's scheme): scale = (max − min)/15 and
+        zero = min + 8·scale, stored in the weight's dtype; codes are rounded against the stored values."""
+        rows, cols = weight.shape
+        padded = -(-cols // (2 * group_size)) * (2 * group_size)
+        w = torch.nn.functional.pad(weight.detach().float(), (0, padded - cols)).view(rows, -1, group_size)
+        low, high = w.amin(-1), w.amax(-1)
+        scale = ((high - low) / 15).clamp(min=torch.finfo(torch.bfloat16).tiny).to(weight.dtype)
+        zero = (low + 8 * scale.float()).to(weight.dtype)
+        q = ((w - (zero.float() - 8 * scale.float())[..., None]) / scale.float()[..., None]).round().clamp(0, 15)
+        return cls.from_codes(q.to(torch.uint8).view(rows, padded), scale, zero, group_size, (rows, cols))
+
+    def dense(self) -> torch.Tensor:
+        fn = _dequantize_compiled() if self.packed.is_cuda else _dequantize
+        return fn(self.packed, self.scale, self.zero, self.group_size, *self.shape)
+
+    __call__ = dense       # the engine's `prefill_weight()` protocol
+
+    def codes(self) -> torch.Tensor:
+        """[N, Kp] uint8 codes, for tests and inspection."""
+        return torch.cat((self.packed & 15, self.packed >> 4), dim=1)
+
+    def cat(self, others: list[Int4Codes]) -> Int4Codes:
+        """Stack weights with the same K and groups along N (fused q/k/v or gate/up)."""
+        parts = [self, *others]
+        if len({(p.packed.shape[1], p.group_size, p.shape[1]) for p in parts}) != 1:
+            raise ValueError("int4 weights to fuse must share K and group size")
+        return Int4Codes(torch.cat([p.packed for p in parts]), torch.cat([p.scale for p in parts], 1),
+                         torch.cat([p.zero for p in parts], 1), self.group_size,
+                         (sum(p.shape[0] for p in parts), self.shape[1]))
+
+    def gemv(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., K] with one row → [..., N] in x's dtype. CUDA: the Triton kernel; elsewhere the
+        same sum through dense() (the kernel runs on CPU only in Triton's interpreter, for tests)."""
+        if not x.is_cuda and not _interpreting():
+            return torch.nn.functional.linear(x, self.dense().to(x.dtype))
+        c = self.config
+        out = torch.ops.vlopt.int4_gemv(x.reshape(-1), self.packed, self.scale, self.zero, self.shape[1],
+                                        self.group_size, c.block_n, c.split, c.num_warps, c.num_stages)
+        return out.to(x.dtype).view(*x.shape[:-1], self.shape[0])
+
+
+def _dequantize(packed, scale, zero, group_size: int, rows: int, cols: int):
+    codes = torch.cat((packed & 15, packed >> 4), dim=1)                       # [N, Kp]
+    n, padded = codes.shape
+    w = (codes.view(n, -1, group_size).to(scale.dtype) - 8) * scale.t()[..., None] + zero.t()[..., None]
+    return w.view(n, padded)[:rows, :cols].contiguous()
+
+
+@functools.cache
+def _dequantize_compiled():
+    """One fused kernel per weight shape on the GPU (eager, the unpacking steps cost ~3× the matrix
+    products of a prefill: bench/results/h100/int4-prefill.md)."""
+    return torch.compile(_dequantize, dynamic=False)
+
+
+def _interpreting() -> bool:
+    import os
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.cache
+def _kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def int4_gemv_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, out_ptr, N, K, half_k, groups_per_split,
+                         GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        span = tl.arange(0, GROUP)
+        half_groups = half_k // GROUP
+        first = pid_k * groups_per_split
+        last = tl.minimum(first + groups_per_split, half_groups)
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for g in range(first, last):
+            cols = g * GROUP + span
+            byte = tl.load(packed_ptr + rows[:, None] * half_k + cols[None, :], mask=row_ok[:, None], other=0)
+            x_lo = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+            x_hi = tl.load(x_ptr + half_k + cols, mask=half_k + cols < K, other=0.0).to(tl.float32)
+            s_lo = tl.load(scale_ptr + g * N + rows, mask=row_ok, other=0.0).to(tl.float32)
+            z_lo = tl.load(zero_ptr + g * N + rows, mask=row_ok, other=0.0).to(tl.float32)
+            s_hi = tl.load(scale_ptr + (g + half_groups) * N + rows, mask=row_ok, other=0.0).to(tl.float32)
+            z_hi = tl.load(zero_ptr + (g + half_groups) * N + rows, mask=row_ok, other=0.0).to(tl.float32)
+            lo = (byte & 15).to(tl.float32)
+            hi = (byte >> 4).to(tl.float32)
+            acc += s_lo * tl.sum(lo * x_lo[None, :], 1) + (z_lo - 8 * s_lo) * tl.sum(x_lo, 0)
+            acc += s_hi * tl.sum(hi * x_hi[None, :], 1) + (z_hi - 8 * s_hi) * tl.sum(x_hi, 0)
+        tl.store(out_ptr + pid_k * N + rows, acc, mask=row_ok)
+
+    return int4_gemv_kernel
+
+
+def _launch(x, packed, scale, zero, k: int, group_size: int, block_n: int, split: int, num_warps: int,
+            num_stages: int, out, launch=None):
+    n, half_k = packed.shape
+    half_groups = half_k // group_size
+    per_split = -(-half_groups // split)
+    kernel = (launch or (lambda f: f))(_kernel())
+    grid = (-(-n // block_n), split)
+    kernel[grid](x, packed, scale, zero, out, n, k, half_k, per_split, GROUP=group_size, BLOCK_N=block_n,
+                 num_warps=num_warps, num_stages=num_stages)
+
+
+@functools.cache
+def register_op() -> None:
+    """`torch.ops.vlopt.int4_gemv`: a torch op around the kernel, so torch.compile inlines it into the
+    compiled decode step (and it is captured in the step's CUDA graph)."""
+    from torch.library import triton_op, wrap_triton
+
+    @triton_op("vlopt::int4_gemv", mutates_args=())
+    def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, k: int,
+                  group_size: int, block_n: int, split: int, num_warps: int, num_stages: int) -> torch.Tensor:
+        partial = torch.empty(split, packed.shape[0], dtype=torch.float32, device=x.device)
+        _launch(x, packed, scale, zero, k, group_size, block_n, split, num_warps, num_stages, partial,
+                launch=wrap_triton)
+        return partial.sum(0)
+
+
+def tune(weights: list[Int4Codes], configs: list[GemvConfig] | None = None) -> GemvConfig:
+    """Pick the fastest kernel config for weights of one shape on this GPU, cached per shape, and set it
+    on each of them. Timed over all the given weights in turn (a model's layers), so the reads come
+    from memory as in a decode step, not from L2."""
+    first = weights[0]
+    key = (tuple(first.packed.shape), first.group_size, torch.cuda.get_device_name(first.packed.device))
+    if key not in _TUNED:
+        _TUNED[key] = min(configs or candidate_configs(first.shape[0]), key=lambda c: time_config(weights, c))
+    for w in weights:
+        w.config = _TUNED[key]
+    return _TUNED[key]
+
+
+_TUNED: dict[tuple, GemvConfig] = {}
+
+
+def candidate_configs(n: int) -> list[GemvConfig]:
+    out = []
+    for block_n in (16, 32, 64):
+        programs = -(-n // block_n)
+        for split in (1, 2, 4, 8):
+            if programs * split < 132 or programs * split > 132 * 16:     # under one wave, or far over
+                continue
+            for num_warps in (2, 4, 8):
+                for num_stages in (2, 4):
+                    out.append(GemvConfig(block_n, split, num_warps, num_stages))
+    return out or [GemvConfig()]
+
+
+def time_config(weights: list[Int4Codes], config: GemvConfig, replays: int = 10) -> float:
+    """Median milliseconds per GEMV with `config`: one CUDA graph runs it over every weight in turn
+    (launch gaps out, as in the decode step's graph), replayed `replays` times."""
+    register_op()
+    x = torch.randn(weights[0].shape[1], dtype=weights[0].scale.dtype, device=weights[0].packed.device)
+
+    def run():
+        for w in weights:
+            torch.ops.vlopt.int4_gemv(x, w.packed, w.scale, w.zero, w.shape[1], w.group_size, config.block_n,
+                                      config.split, config.num_warps, config.num_stages)
+    run()                                   # compiles this config
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / len(weights))
+    return sorted(times)[len(times) // 2]
