@@ -129,30 +129,48 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
-    def int4_gemv_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, out_ptr, N, K, half_k, groups_per_split,
+    def int4_gemv_kernel(x_ptr, words_ptr, scale_ptr, zero_ptr, out_ptr, N, K, half_k, groups_per_split,
                          GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
+        # A program: BLOCK_N rows × its share of K. Per step, one group of each half: GROUP/4 int32 words
+        # per row, word i holding bytes 4i..4i+3, i.e. nibble j is column (j % 2)·half_k + 4i + j // 2.
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
-        span = tl.arange(0, GROUP)
+        words = tl.arange(0, GROUP // 4)
         half_groups = half_k // GROUP
         first = pid_k * groups_per_split
         last = tl.minimum(first + groups_per_split, half_groups)
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         for g in range(first, last):
-            cols = g * GROUP + span
-            byte = tl.load(packed_ptr + rows[:, None] * half_k + cols[None, :], mask=row_ok[:, None], other=0)
-            x_lo = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
-            x_hi = tl.load(x_ptr + half_k + cols, mask=half_k + cols < K, other=0.0).to(tl.float32)
+            w = tl.load(words_ptr + rows[:, None] * (half_k // 4) + (g * (GROUP // 4) + words)[None, :],
+                        mask=row_ok[:, None], other=0)
+            dot_lo = tl.zeros([BLOCK_N, GROUP // 4], dtype=tl.float32)
+            dot_hi = tl.zeros([BLOCK_N, GROUP // 4], dtype=tl.float32)
+            sum_lo = 0.0
+            sum_hi = 0.0
+            for j in tl.static_range(8):
+                # No int→float convert (a slow instruction): put the nibble in the top mantissa bits of 1.0,
+                # f = 1 + q/16 exactly; then Σ(q − 8)·x = 16·Σf·x − 24·Σx.
+                if 4 * j <= 19:
+                    bits = (w << (19 - 4 * j)) & 0x00780000
+                else:
+                    bits = (w >> (4 * j - 19)) & 0x00780000
+                f = (bits | 0x3F800000).to(tl.float32, bitcast=True)
+                cols = (j % 2) * half_k + g * GROUP + 4 * words + j // 2
+                x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+                if j % 2 == 0:
+                    dot_lo += f * x[None, :]
+                    sum_lo += tl.sum(x, 0)
+                else:
+                    dot_hi += f * x[None, :]
+                    sum_hi += tl.sum(x, 0)
             s_lo = tl.load(scale_ptr + g * N + rows, mask=row_ok, other=0.0).to(tl.float32)
             z_lo = tl.load(zero_ptr + g * N + rows, mask=row_ok, other=0.0).to(tl.float32)
             s_hi = tl.load(scale_ptr + (g + half_groups) * N + rows, mask=row_ok, other=0.0).to(tl.float32)
             z_hi = tl.load(zero_ptr + (g + half_groups) * N + rows, mask=row_ok, other=0.0).to(tl.float32)
-            lo = (byte & 15).to(tl.float32)
-            hi = (byte >> 4).to(tl.float32)
-            acc += s_lo * tl.sum(lo * x_lo[None, :], 1) + (z_lo - 8 * s_lo) * tl.sum(x_lo, 0)
-            acc += s_hi * tl.sum(hi * x_hi[None, :], 1) + (z_hi - 8 * s_hi) * tl.sum(x_hi, 0)
+            acc += 16 * s_lo * tl.sum(dot_lo, 1) + (z_lo - 24 * s_lo) * sum_lo
+            acc += 16 * s_hi * tl.sum(dot_hi, 1) + (z_hi - 24 * s_hi) * sum_hi
         tl.store(out_ptr + pid_k * N + rows, acc, mask=row_ok)
 
     return int4_gemv_kernel
@@ -165,7 +183,7 @@ def _launch(x, packed, scale, zero, k: int, group_size: int, block_n: int, split
     per_split = -(-half_groups // split)
     kernel = (launch or (lambda f: f))(_kernel())
     grid = (-(-n // block_n), split)
-    kernel[grid](x, packed, scale, zero, out, n, k, half_k, per_split, GROUP=group_size, BLOCK_N=block_n,
+    kernel[grid](x, packed.view(torch.int32), scale, zero, out, n, k, half_k, per_split, GROUP=group_size, BLOCK_N=block_n,
                  num_warps=num_warps, num_stages=num_stages)
 
 
@@ -200,29 +218,32 @@ def tune(weights: list[Int4Codes], configs: list[GemvConfig] | None = None) -> G
 _TUNED: dict[tuple, GemvConfig] = {}
 
 
-def candidate_configs(n: int) -> list[GemvConfig]:
+def candidate_configs(n: int, wide: bool = False) -> list[GemvConfig]:
+    """Configs worth timing for N rows: between one and sixteen waves of programs on 132 SMs."""
     out = []
-    for block_n in (16, 32, 64):
+    for block_n in (8, 16, 32, 64, 128) if wide else (16, 32, 64):
         programs = -(-n // block_n)
-        for split in (1, 2, 4, 8):
-            if programs * split < 132 or programs * split > 132 * 16:     # under one wave, or far over
+        for split in (1, 2, 4, 8, 16) if wide else (1, 2, 4, 8):
+            if programs * split < 132 or programs * split > 132 * 16:
                 continue
-            for num_warps in (2, 4, 8):
-                for num_stages in (2, 4):
+            for num_warps in (1, 2, 4, 8) if wide else (2, 4):
+                for num_stages in (1, 2, 3, 4) if wide else (2, 4):
                     out.append(GemvConfig(block_n, split, num_warps, num_stages))
     return out or [GemvConfig()]
 
 
 def time_config(weights: list[Int4Codes], config: GemvConfig, replays: int = 10) -> float:
-    """Median milliseconds per GEMV with `config`: one CUDA graph runs it over every weight in turn
-    (launch gaps out, as in the decode step's graph), replayed `replays` times."""
-    register_op()
-    x = torch.randn(weights[0].shape[1], dtype=weights[0].scale.dtype, device=weights[0].packed.device)
+    """Median milliseconds per GEMV kernel with `config`: one CUDA graph runs it over every weight in
+    turn (launch gaps out, as in the decode step's graph), replayed `replays` times. The partial-sum
+    reduction is left out: in the compiled step Inductor fuses it into the next pointwise kernel."""
+    first = weights[0]
+    x = torch.randn(first.shape[1], dtype=first.scale.dtype, device=first.packed.device)
+    out = torch.empty(config.split, max(w.shape[0] for w in weights), dtype=torch.float32, device=x.device)
 
     def run():
         for w in weights:
-            torch.ops.vlopt.int4_gemv(x, w.packed, w.scale, w.zero, w.shape[1], w.group_size, config.block_n,
-                                      config.split, config.num_warps, config.num_stages)
+            _launch(x, w.packed, w.scale, w.zero, w.shape[1], w.group_size, config.block_n, config.split,
+                    config.num_warps, config.num_stages, out)
     run()                                   # compiles this config
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
