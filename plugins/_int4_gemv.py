@@ -30,7 +30,7 @@ class GemvConfig:
     block_n: int = 32
     split: int = 4
     num_warps: int = 4
-    num_stages: int = 3
+    prefetch: bool = True      # load the next step's words before computing this one's
 
 
 class Int4Codes:
@@ -100,7 +100,7 @@ class Int4Codes:
             return torch.nn.functional.linear(x, self.dense().to(x.dtype))
         c = self.config
         out = torch.ops.vlopt.int4_gemv(x.reshape(-1), self.packed, self.scale, self.zero, self.shape[1],
-                                        self.group_size, c.block_n, c.split, c.num_warps, c.num_stages)
+                                        self.group_size, c.block_n, c.split, c.num_warps, c.prefetch)
         return out.to(x.dtype).view(*x.shape[:-1], self.shape[0])
 
 
@@ -129,10 +129,12 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
-    def int4_gemv_kernel(x_ptr, words_ptr, scale_ptr, zero_ptr, out_ptr, N, K, half_k, groups_per_split,
-                         GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
+    def int4_gemv_kernel(x_ptr, words_ptr, scale_ptr, zero_ptr, out_ptr, N, K, half_k, row_words,
+                         groups_per_split, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+                         PREFETCH: tl.constexpr):
         # A program: BLOCK_N rows × its share of K. Per step, one group of each half: GROUP/4 int32 words
         # per row, word i holding bytes 4i..4i+3, i.e. nibble j is column (j % 2)·half_k + 4i + j // 2.
+        # Partial products stay per (row, word) in registers; one reduction at the end.
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -141,14 +143,20 @@ def _kernel():
         half_groups = half_k // GROUP
         first = pid_k * groups_per_split
         last = tl.minimum(first + groups_per_split, half_groups)
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_N, GROUP // 4], dtype=tl.float32)
+        tile = rows[:, None] * row_words + words[None, :]
+        w_next = tl.load(words_ptr + tile + first * (GROUP // 4), mask=row_ok[:, None] & (first < last), other=0)
         for g in range(first, last):
-            w = tl.load(words_ptr + rows[:, None] * (half_k // 4) + (g * (GROUP // 4) + words)[None, :],
-                        mask=row_ok[:, None], other=0)
+            if PREFETCH:     # next step's words in flight while this step computes
+                w = w_next
+                w_next = tl.load(words_ptr + tile + (g + 1) * (GROUP // 4), mask=row_ok[:, None] & (g + 1 < last),
+                                 other=0)
+            else:
+                w = tl.load(words_ptr + tile + g * (GROUP // 4), mask=row_ok[:, None], other=0)
             dot_lo = tl.zeros([BLOCK_N, GROUP // 4], dtype=tl.float32)
             dot_hi = tl.zeros([BLOCK_N, GROUP // 4], dtype=tl.float32)
-            sum_lo = 0.0
-            sum_hi = 0.0
+            sum_lo = tl.zeros([1, GROUP // 4], dtype=tl.float32)
+            sum_hi = tl.zeros([1, GROUP // 4], dtype=tl.float32)
             for j in tl.static_range(8):
                 # No int→float convert (a slow instruction): put the nibble in the top mantissa bits of 1.0,
                 # f = 1 + q/16 exactly; then Σ(q − 8)·x = 16·Σf·x − 24·Σx.
@@ -158,33 +166,33 @@ def _kernel():
                     bits = (w >> (4 * j - 19)) & 0x00780000
                 f = (bits | 0x3F800000).to(tl.float32, bitcast=True)
                 cols = (j % 2) * half_k + g * GROUP + 4 * words + j // 2
-                x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+                x = tl.load(x_ptr + cols[None, :], mask=cols[None, :] < K, other=0.0).to(tl.float32)
                 if j % 2 == 0:
-                    dot_lo += f * x[None, :]
-                    sum_lo += tl.sum(x, 0)
+                    dot_lo += f * x
+                    sum_lo += x
                 else:
-                    dot_hi += f * x[None, :]
-                    sum_hi += tl.sum(x, 0)
-            s_lo = tl.load(scale_ptr + g * N + rows, mask=row_ok, other=0.0).to(tl.float32)
-            z_lo = tl.load(zero_ptr + g * N + rows, mask=row_ok, other=0.0).to(tl.float32)
-            s_hi = tl.load(scale_ptr + (g + half_groups) * N + rows, mask=row_ok, other=0.0).to(tl.float32)
-            z_hi = tl.load(zero_ptr + (g + half_groups) * N + rows, mask=row_ok, other=0.0).to(tl.float32)
-            acc += 16 * s_lo * tl.sum(dot_lo, 1) + (z_lo - 24 * s_lo) * sum_lo
-            acc += 16 * s_hi * tl.sum(dot_hi, 1) + (z_hi - 24 * s_hi) * sum_hi
-        tl.store(out_ptr + pid_k * N + rows, acc, mask=row_ok)
+                    dot_hi += f * x
+                    sum_hi += x
+            s_lo = tl.load(scale_ptr + g * N + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+            z_lo = tl.load(zero_ptr + g * N + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+            s_hi = tl.load(scale_ptr + (g + half_groups) * N + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+            z_hi = tl.load(zero_ptr + (g + half_groups) * N + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+            acc += (16 * s_lo) * dot_lo + (z_lo - 24 * s_lo) * sum_lo
+            acc += (16 * s_hi) * dot_hi + (z_hi - 24 * s_hi) * sum_hi
+        tl.store(out_ptr + pid_k * N + rows, tl.sum(acc, 1), mask=row_ok)
 
     return int4_gemv_kernel
 
 
 def _launch(x, packed, scale, zero, k: int, group_size: int, block_n: int, split: int, num_warps: int,
-            num_stages: int, out, launch=None):
+            prefetch: bool, out, launch=None):
     n, half_k = packed.shape
     half_groups = half_k // group_size
     per_split = -(-half_groups // split)
     kernel = (launch or (lambda f: f))(_kernel())
     grid = (-(-n // block_n), split)
-    kernel[grid](x, packed.view(torch.int32), scale, zero, out, n, k, half_k, per_split, GROUP=group_size, BLOCK_N=block_n,
-                 num_warps=num_warps, num_stages=num_stages)
+    kernel[grid](x, packed.view(torch.int32), scale, zero, out, n, k, half_k, half_k // 4, per_split, GROUP=group_size, BLOCK_N=block_n,
+                 PREFETCH=prefetch, num_warps=num_warps, num_stages=1)
 
 
 @functools.cache
@@ -195,9 +203,9 @@ def register_op() -> None:
 
     @triton_op("vlopt::int4_gemv", mutates_args=())
     def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, k: int,
-                  group_size: int, block_n: int, split: int, num_warps: int, num_stages: int) -> torch.Tensor:
+                  group_size: int, block_n: int, split: int, num_warps: int, prefetch: bool) -> torch.Tensor:
         partial = torch.empty(split, packed.shape[0], dtype=torch.float32, device=x.device)
-        _launch(x, packed, scale, zero, k, group_size, block_n, split, num_warps, num_stages, partial,
+        _launch(x, packed, scale, zero, k, group_size, block_n, split, num_warps, prefetch, partial,
                 launch=wrap_triton)
         return partial.sum(0)
 
@@ -226,9 +234,9 @@ def candidate_configs(n: int, wide: bool = False) -> list[GemvConfig]:
         for split in (1, 2, 4, 8, 16) if wide else (1, 2, 4, 8):
             if programs * split < 132 or programs * split > 132 * 16:
                 continue
-            for num_warps in (1, 2, 4, 8) if wide else (2, 4):
-                for num_stages in (1, 2, 3, 4) if wide else (2, 4):
-                    out.append(GemvConfig(block_n, split, num_warps, num_stages))
+            for num_warps in (1, 2, 4, 8) if wide else (2, 4, 8):
+                for prefetch in (False, True) if wide else (True,):
+                    out.append(GemvConfig(block_n, split, num_warps, prefetch))
     return out or [GemvConfig()]
 
 
@@ -243,7 +251,7 @@ def time_config(weights: list[Int4Codes], config: GemvConfig, replays: int = 10)
     def run():
         for w in weights:
             _launch(x, w.packed, w.scale, w.zero, w.shape[1], w.group_size, config.block_n, config.split,
-                    config.num_warps, config.num_stages, out)
+                    config.num_warps, config.prefetch, out)
     run()                                   # compiles this config
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
