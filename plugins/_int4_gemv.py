@@ -131,7 +131,7 @@ def _kernel():
     @triton.jit
     def int4_gemv_kernel(x_ptr, words_ptr, scale_ptr, zero_ptr, out_ptr, N, K, half_k, row_words,
                          groups_per_split, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
-                         PREFETCH: tl.constexpr):
+                         PREFETCH: tl.constexpr, USE_ASM: tl.constexpr, PROBE: tl.constexpr):
         # A program: BLOCK_N rows × its share of K. Per step, one group of each half: GROUP/4 int32 words
         # per row, word i holding bytes 4i..4i+3, i.e. nibble j is column (j % 2)·half_k + 4i + j // 2.
         # Partial products stay per (row, word) in registers; one reduction at the end.
@@ -143,7 +143,8 @@ def _kernel():
         half_groups = half_k // GROUP
         first = pid_k * groups_per_split
         last = tl.minimum(first + groups_per_split, half_groups)
-        acc = tl.zeros([BLOCK_N, GROUP // 4], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_N, GROUP // 4], dtype=tl.float32)      # Σ s·Σf·x' per (row, word)
+        acc_rows = tl.zeros([BLOCK_N], dtype=tl.float32)              # the x-only terms per row
         tile = rows[:, None] * row_words + words[None, :]
         w_next = tl.load(words_ptr + tile + first * (GROUP // 4), mask=row_ok[:, None] & (first < last), other=0)
         for g in range(first, last):
@@ -153,46 +154,74 @@ def _kernel():
                                  other=0)
             else:
                 w = tl.load(words_ptr + tile + g * (GROUP // 4), mask=row_ok[:, None], other=0)
+            # No int→float converts (a slow instruction): a nibble masked into bits [b, b+4) of the
+            # mantissa of 1.0 is f = 1 + q·2^(b−23), so with x' = x·2^(23−b), f·x' = x' + q·x. Four shifted
+            # copies of the word put each pair of nibbles at b = 15 and 19 (lower b would need x' so large that
+            # float32 loses q·x); one LOP3 per nibble then masks and ORs. Σ(q − 8)·x = Σf·x' − Σx' − 8·Σx, per
+            # half (low nibbles: first half of K, high nibbles: second).
             dot_lo = tl.zeros([BLOCK_N, GROUP // 4], dtype=tl.float32)
             dot_hi = tl.zeros([BLOCK_N, GROUP // 4], dtype=tl.float32)
-            sum_lo = tl.zeros([1, GROUP // 4], dtype=tl.float32)
-            sum_hi = tl.zeros([1, GROUP // 4], dtype=tl.float32)
+            sx_lo = tl.zeros([1, GROUP // 4], dtype=tl.float32)       # Σx' + 8·Σx, per word
+            sx_hi = tl.zeros([1, GROUP // 4], dtype=tl.float32)
+            xsum_lo = tl.zeros([1, GROUP // 4], dtype=tl.float32)     # Σx, per word
+            xsum_hi = tl.zeros([1, GROUP // 4], dtype=tl.float32)
             for j in tl.static_range(8):
-                # No int→float convert (a slow instruction): put the nibble in the top mantissa bits of 1.0,
-                # f = 1 + q/16 exactly; then Σ(q − 8)·x = 16·Σf·x − 24·Σx.
-                if 4 * j <= 19:
-                    bits = (w << (19 - 4 * j)) & 0x00780000
+                if j < 2:
+                    shifted = w << 15
+                elif j < 4:
+                    shifted = w << 7
+                elif j < 6:
+                    shifted = w >> 1
                 else:
-                    bits = (w >> (4 * j - 19)) & 0x00780000
-                f = (bits | 0x3F800000).to(tl.float32, bitcast=True)
+                    shifted = w >> 9
+                b = 15 + 4 * (j % 2)
+                mask = 15 << b
+                if USE_ASM:
+                    bits = tl.inline_asm_elementwise("lop3.b32 $0, $1, $2, $3, 0xEA;", "=r,r,r,r",
+                                                     [shifted, tl.full(w.shape, mask, tl.int32),
+                                                      tl.full(w.shape, 0x3F800000, tl.int32)],
+                                                     dtype=tl.int32, is_pure=True, pack=1)
+                else:
+                    bits = (shifted & mask) | 0x3F800000
+                f = bits.to(tl.float32, bitcast=True)
                 cols = (j % 2) * half_k + g * GROUP + 4 * words + j // 2
                 x = tl.load(x_ptr + cols[None, :], mask=cols[None, :] < K, other=0.0).to(tl.float32)
-                if j % 2 == 0:
-                    dot_lo += f * x
-                    sum_lo += x
+                if PROBE:    # timing probe (bench/gpu/int4_gemv.py): the loads and one FMA per word only
+                    if j == 0:
+                        dot_lo += w.to(tl.float32, bitcast=True) * x
                 else:
-                    dot_hi += f * x
-                    sum_hi += x
+                    xs = x * (1 << (23 - b))
+                    if j % 2 == 0:
+                        dot_lo += f * xs
+                        sx_lo += xs + 8 * x
+                        xsum_lo += x
+                    else:
+                        dot_hi += f * xs
+                        sx_hi += xs + 8 * x
+                        xsum_hi += x
             s_lo = tl.load(scale_ptr + g * N + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
             z_lo = tl.load(zero_ptr + g * N + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
             s_hi = tl.load(scale_ptr + (g + half_groups) * N + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
             z_hi = tl.load(zero_ptr + (g + half_groups) * N + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
-            acc += (16 * s_lo) * dot_lo + (z_lo - 24 * s_lo) * sum_lo
-            acc += (16 * s_hi) * dot_hi + (z_hi - 24 * s_hi) * sum_hi
-        tl.store(out_ptr + pid_k * N + rows, tl.sum(acc, 1), mask=row_ok)
+            # Σw·x = s·Σ(q − 8)·x + z·Σx = s·Σf·x' + (z·Σx − s·(Σx' + 8·Σx)); the last term needs the
+            # group's x sums only, so it is added per row rather than per (row, word)
+            acc += s_lo * dot_lo + s_hi * dot_hi
+            acc_rows += tl.sum(z_lo * tl.sum(xsum_lo, 1) - s_lo * tl.sum(sx_lo, 1), 1)
+            acc_rows += tl.sum(z_hi * tl.sum(xsum_hi, 1) - s_hi * tl.sum(sx_hi, 1), 1)
+        tl.store(out_ptr + pid_k * N + rows, tl.sum(acc, 1) + acc_rows, mask=row_ok)
 
     return int4_gemv_kernel
 
 
 def _launch(x, packed, scale, zero, k: int, group_size: int, block_n: int, split: int, num_warps: int,
-            prefetch: bool, out, launch=None):
+            prefetch: bool, out, launch=None, probe: bool = False):
     n, half_k = packed.shape
     half_groups = half_k // group_size
     per_split = -(-half_groups // split)
     kernel = (launch or (lambda f: f))(_kernel())
     grid = (-(-n // block_n), split)
     kernel[grid](x, packed.view(torch.int32), scale, zero, out, n, k, half_k, half_k // 4, per_split, GROUP=group_size, BLOCK_N=block_n,
-                 PREFETCH=prefetch, num_warps=num_warps, num_stages=1)
+                 PREFETCH=prefetch, USE_ASM=not _interpreting(), PROBE=probe, num_warps=num_warps, num_stages=1)
 
 
 @functools.cache
@@ -240,7 +269,7 @@ def candidate_configs(n: int, wide: bool = False) -> list[GemvConfig]:
     return out or [GemvConfig()]
 
 
-def time_config(weights: list[Int4Codes], config: GemvConfig, replays: int = 10) -> float:
+def time_config(weights: list[Int4Codes], config: GemvConfig, replays: int = 10, probe: bool = False) -> float:
     """Median milliseconds per GEMV kernel with `config`: one CUDA graph runs it over every weight in
     turn (launch gaps out, as in the decode step's graph), replayed `replays` times. The partial-sum
     reduction is left out: in the compiled step Inductor fuses it into the next pointwise kernel."""
@@ -251,7 +280,7 @@ def time_config(weights: list[Int4Codes], config: GemvConfig, replays: int = 10)
     def run():
         for w in weights:
             _launch(x, w.packed, w.scale, w.zero, w.shape[1], w.group_size, config.block_n, config.split,
-                    config.num_warps, config.prefetch, out)
+                    config.num_warps, config.prefetch, out, probe=probe)
     run()                                   # compiles this config
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
