@@ -7,9 +7,11 @@ other kernels. Here the layout is chosen for the one-row product that decode is:
 - codes q ∈ [0, 15], w = (q − 8) · scale + zero per group of `group_size` along K (tinygemm's
   convention, so the quantized values are the same as torchao's);
 - K is padded to a multiple of 2 · group_size, Kp; byte b of a row holds column b in its low nibble
-  and column Kp/2 + b in its high nibble. A program of the GEMV reads one contiguous span of bytes
-  per row, two contiguous spans of x, and one scale and zero per row and span;
-- scale and zero are [Kp / group_size, N], so a block of rows reads them contiguously.
+  and column Kp/2 + b in its high nibble, so one span of bytes serves one group of each half;
+- rows come in tiles of 64 (N padded up): for each group, a tile's 64 rows of bytes are stored
+  together, so a kernel step reads one contiguous 8 KB block rather than 64 scattered 128-byte
+  pieces. scale and zero are tiled the same way, [Np/64, Kp/group_size, 64]. Whole tiles stack
+  along N, so fused q/k/v or gate/up weights are a concatenation.
 
 The kernel factors the scale out of each group's dot product: Σ w·x = s·Σ q·x + (z − 8s)·Σ x, so a
 code costs an unpack, a convert and one FMA. K is split over `split` programs when N alone is too
@@ -25,6 +27,9 @@ from dataclasses import dataclass
 import torch
 
 
+TILE_ROWS = 64      # rows per tile: a kernel step reads one tile's group as one contiguous 4 KB
+
+
 @dataclass(frozen=True)
 class GemvConfig:
     block_n: int = 32
@@ -38,10 +43,11 @@ class Int4Codes:
 
     def __init__(self, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
                  shape: tuple[int, int]):
-        self.packed, self.scale, self.zero = packed, scale, zero     # [N, Kp/2] uint8; [Kp/g, N] ×2
+        self.packed, self.scale, self.zero = packed, scale, zero     # [Np/R, Kp/2g, R, g] uint8; [Np/R, Kp/g, R] ×2
         self.group_size, self.shape = group_size, tuple(shape)
         self.config = GemvConfig()
-        if packed.is_cuda or _interpreting():
+        self.use_kernel = packed.is_cuda or _interpreting()     # else gemv() multiplies the dense rebuild
+        if self.use_kernel:
             register_op()
 
     @classmethod
@@ -57,9 +63,17 @@ class Int4Codes:
             extra = (padded - cols) // group_size
             scale = torch.nn.functional.pad(scale, (0, extra))
             zero = torch.nn.functional.pad(zero, (0, extra))
+        padded_rows = -(-rows // TILE_ROWS) * TILE_ROWS
+        if padded_rows != rows:
+            codes = torch.nn.functional.pad(codes, (0, 0, 0, padded_rows - rows), value=8)
+            scale = torch.nn.functional.pad(scale, (0, 0, 0, padded_rows - rows))
+            zero = torch.nn.functional.pad(zero, (0, 0, 0, padded_rows - rows))
         half = padded // 2
-        packed = (codes[:, :half] | codes[:, half:] << 4).to(torch.uint8).contiguous()
-        return cls(packed, scale.t().contiguous(), zero.t().contiguous(), group_size, shape or (rows, cols))
+        packed = (codes[:, :half] | codes[:, half:] << 4).to(torch.uint8)
+        t = padded_rows // TILE_ROWS
+        tiles = packed.view(t, TILE_ROWS, half // group_size, group_size).permute(0, 2, 1, 3)
+        scale, zero = (v.reshape(t, TILE_ROWS, -1).permute(0, 2, 1).contiguous() for v in (scale, zero))
+        return cls(tiles.contiguous(), scale, zero, group_size, shape or (rows, cols))
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, group_size: int) -> Int4Codes:
@@ -81,33 +95,92 @@ class Int4Codes:
     __call__ = dense       # the engine's `prefill_weight()` protocol
 
     def codes(self) -> torch.Tensor:
-        """[N, Kp] uint8 codes, for tests and inspection."""
-        return torch.cat((self.packed & 15, self.packed >> 4), dim=1)
+        """[Np, Kp] uint8 codes in plain order, for tests and inspection."""
+        packed = _untile(self.packed)
+        return torch.cat((packed & 15, packed >> 4), dim=1)
 
     def cat(self, others: list[Int4Codes]) -> Int4Codes:
-        """Stack weights with the same K and groups along N (fused q/k/v or gate/up)."""
+        """Stack weights with the same K and groups along N (fused q/k/v or gate/up); each must fill
+        whole tiles of rows, so the stacked rows are the parts' rows in order. The parts' tensors
+        become views into the stacked ones."""
         parts = [self, *others]
-        if len({(p.packed.shape[1], p.group_size, p.shape[1]) for p in parts}) != 1:
+        if len({(p.packed.shape[1:], p.group_size, p.shape[1]) for p in parts}) != 1:
             raise ValueError("int4 weights to fuse must share K and group size")
-        return Int4Codes(torch.cat([p.packed for p in parts]), torch.cat([p.scale for p in parts], 1),
-                         torch.cat([p.zero for p in parts], 1), self.group_size,
-                         (sum(p.shape[0] for p in parts), self.shape[1]))
+        if any(p.shape[0] % TILE_ROWS for p in parts):
+            raise ValueError(f"int4 weights to fuse must have a multiple of {TILE_ROWS} rows")
+        fused = Int4Codes(torch.cat([p.packed for p in parts]), torch.cat([p.scale for p in parts]),
+                          torch.cat([p.zero for p in parts]), self.group_size,
+                          (sum(p.shape[0] for p in parts), self.shape[1]))
+        start = 0
+        for p in parts:      # the parts become views into the fused tensors: no extra memory
+            end = start + p.packed.shape[0]
+            p.packed, p.scale, p.zero = fused.packed[start:end], fused.scale[start:end], fused.zero[start:end]
+            start = end
+        return fused
 
     def gemv(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] with one row → [..., N] in x's dtype. CUDA: the Triton kernel; elsewhere the
         same sum through dense() (the kernel runs on CPU only in Triton's interpreter, for tests)."""
-        if not x.is_cuda and not _interpreting():
+        if not self.use_kernel:
             return torch.nn.functional.linear(x, self.dense().to(x.dtype))
         c = self.config
         out = torch.ops.vlopt.int4_gemv(x.reshape(-1), self.packed, self.scale, self.zero, self.shape[1],
                                         self.group_size, c.block_n, c.split, c.num_warps, c.prefetch)
-        return out.to(x.dtype).view(*x.shape[:-1], self.shape[0])
+        return out[: self.shape[0]].to(x.dtype).view(*x.shape[:-1], self.shape[0])
+
+
+class Int4Linear(torch.nn.Module):
+    """A Linear whose weight is int4 codes: a one-row input (a decode step) goes through the GEMV,
+    more rows through the dense rebuild (`prefill_weight()`, which fast_decode's prefill calls too).
+    `fuse` stacks modules for fast_decode's fused projections."""
+
+    def __init__(self, codes: Int4Codes, bias: torch.nn.Parameter | None):
+        super().__init__()
+        self.codes = codes
+        self.bias = bias
+        self.out_features, self.in_features = codes.shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == x.shape[-1]:
+            y = self.codes.gemv(x)
+        else:
+            y = torch.nn.functional.linear(x, self.codes.dense().to(x.dtype))
+        return y if self.bias is None else y + self.bias
+
+    def prefill_weight(self) -> torch.Tensor:
+        return self.codes.dense()
+
+    @staticmethod
+    def fuse(modules: list[torch.nn.Module]) -> Int4Linear | None:
+        """One module computing `modules`' outputs side by side, or None when they cannot be stacked.
+        The modules keep working: their codes become views into the stacked codes."""
+        if any(type(m) is not Int4Linear or m.bias is not None for m in modules):
+            return None
+        try:
+            codes = modules[0].codes.cat([m.codes for m in modules[1:]])
+        except ValueError:
+            return None
+        if codes.packed.is_cuda:
+            tune(codes)
+        return Int4Linear(codes, None)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"group_size={self.codes.group_size}, kernel=triton")
+
+
+def _untile(tiles: torch.Tensor) -> torch.Tensor:
+    """[Np/R, Kp/2g, R, g] → [Np, Kp/2] bytes in row order."""
+    t, groups, r, group = tiles.shape
+    return tiles.permute(0, 2, 1, 3).reshape(t * r, groups * group)
 
 
 def _dequantize(packed, scale, zero, group_size: int, rows: int, cols: int):
-    codes = torch.cat((packed & 15, packed >> 4), dim=1)                       # [N, Kp]
+    packed = _untile(packed)
+    codes = torch.cat((packed & 15, packed >> 4), dim=1)                       # [Np, Kp]
     n, padded = codes.shape
-    w = (codes.view(n, -1, group_size).to(scale.dtype) - 8) * scale.t()[..., None] + zero.t()[..., None]
+    scale, zero = (v.permute(0, 2, 1).reshape(n, -1, 1) for v in (scale, zero))  # [Np, Kp/g, 1]
+    w = (codes.view(n, -1, group_size).to(scale.dtype) - 8) * scale + zero
     return w.view(n, padded)[:rows, :cols].contiguous()
 
 
@@ -129,8 +202,8 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
-    def int4_gemv_kernel(x_ptr, words_ptr, scale_ptr, zero_ptr, out_ptr, N, K, half_k, row_words,
-                         groups_per_split, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+    def int4_gemv_kernel(x_ptr, words_ptr, scale_ptr, zero_ptr, out_ptr, N, K, half_k,
+                         groups_per_split, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, TILE: tl.constexpr,
                          PREFETCH: tl.constexpr, USE_ASM: tl.constexpr, PROBE: tl.constexpr):
         # A program: BLOCK_N rows × its share of K. Per step, one group of each half: GROUP/4 int32 words
         # per row, word i holding bytes 4i..4i+3, i.e. nibble j is column (j % 2)·half_k + 4i + j // 2.
@@ -145,15 +218,18 @@ def _kernel():
         last = tl.minimum(first + groups_per_split, half_groups)
         acc = tl.zeros([BLOCK_N, GROUP // 4], dtype=tl.float32)      # Σ s·Σf·x' per (row, word)
         acc_rows = tl.zeros([BLOCK_N], dtype=tl.float32)              # the x-only terms per row
-        tile = rows[:, None] * row_words + words[None, :]
-        w_next = tl.load(words_ptr + tile + first * (GROUP // 4), mask=row_ok[:, None] & (first < last), other=0)
+        # Rows come in tiles of TILE; a tile's words for one group are contiguous (TILE · GROUP/4 words).
+        tile_base = (pid_n * BLOCK_N) // TILE * half_groups
+        tile_rows = (pid_n * BLOCK_N) % TILE + tl.arange(0, BLOCK_N)
+        in_tile = tile_rows[:, None] * (GROUP // 4) + words[None, :]
+        w_next = tl.load(words_ptr + (tile_base + first) * (TILE * GROUP // 4) + in_tile, mask=first < last, other=0)
         for g in range(first, last):
             if PREFETCH:     # next step's words in flight while this step computes
                 w = w_next
-                w_next = tl.load(words_ptr + tile + (g + 1) * (GROUP // 4), mask=row_ok[:, None] & (g + 1 < last),
+                w_next = tl.load(words_ptr + (tile_base + g + 1) * (TILE * GROUP // 4) + in_tile, mask=g + 1 < last,
                                  other=0)
             else:
-                w = tl.load(words_ptr + tile + g * (GROUP // 4), mask=row_ok[:, None], other=0)
+                w = tl.load(words_ptr + (tile_base + g) * (TILE * GROUP // 4) + in_tile)
             # No int→float converts (a slow instruction): a nibble masked into bits [b, b+4) of the
             # mantissa of 1.0 is f = 1 + q·2^(b−23), so with x' = x·2^(23−b), f·x' = x' + q·x. Four shifted
             # copies of the word put each pair of nibbles at b = 15 and 19 (lower b would need x' so large that
@@ -199,10 +275,13 @@ def _kernel():
                         dot_hi += f * xs
                         sx_hi += xs + 8 * x
                         xsum_hi += x
-            s_lo = tl.load(scale_ptr + g * N + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
-            z_lo = tl.load(zero_ptr + g * N + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
-            s_hi = tl.load(scale_ptr + (g + half_groups) * N + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
-            z_hi = tl.load(zero_ptr + (g + half_groups) * N + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+            # scales and zeros are tiled like the words: [tiles, all groups, TILE]
+            at_lo = (tile_base * 2 + g) * TILE + tile_rows
+            at_hi = at_lo + half_groups * TILE
+            s_lo = tl.load(scale_ptr + at_lo).to(tl.float32)[:, None]
+            z_lo = tl.load(zero_ptr + at_lo).to(tl.float32)[:, None]
+            s_hi = tl.load(scale_ptr + at_hi).to(tl.float32)[:, None]
+            z_hi = tl.load(zero_ptr + at_hi).to(tl.float32)[:, None]
             # Σw·x = s·Σ(q − 8)·x + z·Σx = s·Σf·x' + (z·Σx − s·(Σx' + 8·Σx)); the last term needs the
             # group's x sums only, so it is added per row rather than per (row, word)
             acc += s_lo * dot_lo + s_hi * dot_hi
@@ -215,13 +294,13 @@ def _kernel():
 
 def _launch(x, packed, scale, zero, k: int, group_size: int, block_n: int, split: int, num_warps: int,
             prefetch: bool, out, launch=None, probe: bool = False):
-    n, half_k = packed.shape
-    half_groups = half_k // group_size
+    tiles, half_groups, tile_rows, _ = packed.shape
+    n, half_k = tiles * tile_rows, half_groups * group_size
     per_split = -(-half_groups // split)
     kernel = (launch or (lambda f: f))(_kernel())
     grid = (-(-n // block_n), split)
-    kernel[grid](x, packed.view(torch.int32), scale, zero, out, n, k, half_k, half_k // 4, per_split, GROUP=group_size, BLOCK_N=block_n,
-                 PREFETCH=prefetch, USE_ASM=not _interpreting(), PROBE=probe, num_warps=num_warps, num_stages=1)
+    kernel[grid](x, packed.view(torch.int32), scale, zero, out, n, k, half_k, per_split, GROUP=group_size,
+                 BLOCK_N=block_n, TILE=tile_rows, PREFETCH=prefetch, USE_ASM=not _interpreting(), PROBE=probe, num_warps=num_warps, num_stages=1)
 
 
 @functools.cache
@@ -233,23 +312,26 @@ def register_op() -> None:
     @triton_op("vlopt::int4_gemv", mutates_args=())
     def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, k: int,
                   group_size: int, block_n: int, split: int, num_warps: int, prefetch: bool) -> torch.Tensor:
-        partial = torch.empty(split, packed.shape[0], dtype=torch.float32, device=x.device)
+        partial = torch.empty(split, packed.shape[0] * packed.shape[2], dtype=torch.float32, device=x.device)
         _launch(x, packed, scale, zero, k, group_size, block_n, split, num_warps, prefetch, partial,
                 launch=wrap_triton)
         return partial.sum(0)
 
 
-def tune(weights: list[Int4Codes], configs: list[GemvConfig] | None = None) -> GemvConfig:
-    """Pick the fastest kernel config for weights of one shape on this GPU, cached per shape, and set it
-    on each of them. Timed over all the given weights in turn (a model's layers), so the reads come
-    from memory as in a decode step, not from L2."""
-    first = weights[0]
-    key = (tuple(first.packed.shape), first.group_size, torch.cuda.get_device_name(first.packed.device))
+def tune(codes: Int4Codes, configs: list[GemvConfig] | None = None) -> GemvConfig:
+    """Set the fastest kernel config for this weight's shape on this GPU, timed once per shape (cached)
+    on random weights of that shape: enough copies to overflow L2, read in turn, as a decode step
+    reads its layers."""
+    key = (tuple(codes.packed.shape), codes.group_size, str(codes.scale.dtype),
+           torch.cuda.get_device_name(codes.packed.device))
     if key not in _TUNED:
-        _TUNED[key] = min(configs or candidate_configs(first.shape[0]), key=lambda c: time_config(weights, c))
-    for w in weights:
-        w.config = _TUNED[key]
-    return _TUNED[key]
+        nbytes = codes.packed.numel() + 2 * codes.scale.numel() * codes.scale.element_size()
+        weights = [Int4Codes(torch.randint_like(codes.packed, 0, 256), torch.rand_like(codes.scale) * 0.01,
+                             torch.randn_like(codes.zero) * 0.01, codes.group_size, codes.shape)
+                   for _ in range(max(4, -(-256 * 2**20 // nbytes)))]
+        _TUNED[key] = min(configs or candidate_configs(codes.shape[0]), key=lambda c: time_config(weights, c))
+    codes.config = _TUNED[key]
+    return codes.config
 
 
 _TUNED: dict[tuple, GemvConfig] = {}
@@ -258,7 +340,7 @@ _TUNED: dict[tuple, GemvConfig] = {}
 def candidate_configs(n: int, wide: bool = False) -> list[GemvConfig]:
     """Configs worth timing for N rows: between one and sixteen waves of programs on 132 SMs."""
     out = []
-    for block_n in (8, 16, 32, 64, 128) if wide else (16, 32, 64):
+    for block_n in (8, 16, 32, 64) if wide else (16, 32, 64):     # each divides TILE_ROWS
         programs = -(-n // block_n)
         for split in (1, 2, 4, 8, 16) if wide else (1, 2, 4, 8):
             if programs * split < 132 or programs * split > 132 * 16:
@@ -275,7 +357,8 @@ def time_config(weights: list[Int4Codes], config: GemvConfig, replays: int = 10,
     reduction is left out: in the compiled step Inductor fuses it into the next pointwise kernel."""
     first = weights[0]
     x = torch.randn(first.shape[1], dtype=first.scale.dtype, device=first.packed.device)
-    out = torch.empty(config.split, max(w.shape[0] for w in weights), dtype=torch.float32, device=x.device)
+    out = torch.empty(config.split, max(w.packed.shape[0] * w.packed.shape[2] for w in weights), dtype=torch.float32,
+                      device=x.device)
 
     def run():
         for w in weights:

@@ -1,20 +1,23 @@
 """`int4`: 4-bit weights for the decoder's Linear layers.
 
-`backend: torchao` — weight-only int4, groups of `group_size`: on CUDA the tinygemm tile-packed
-kernel (needs bfloat16 weights: apply `dtype: bfloat16` first); on CPU torchao's IntxWeightOnly int4,
-which stores the 4-bit values in int8 (same numerics, no memory saving there).
+`backend: torchao` — weight-only int4, groups of `group_size`, with one of two decode kernels:
+- `kernel: tinygemm` — torchao's tile-packed kernel on CUDA (needs bfloat16 weights: apply `dtype:
+  bfloat16` first); on CPU torchao's IntxWeightOnly int4, which stores the 4-bit values in int8
+  (same numerics, no memory saving there);
+- `kernel: triton` — vlopt's own layout and batch-1 GEMV (`_int4_gemv.py`), same quantized values as
+  tinygemm's scheme. Each Linear becomes an `Int4Linear`: one-row inputs go through the Triton
+  kernel (tuned per weight shape on the GPU at apply time), more rows through the dense rebuild.
+  fast_decode fuses its q/k/v and gate/up codes. On CPU it computes through the dense rebuild.
 `backend: bitsandbytes` — NF4 or FP4 (`quant_type`), optional double quantization, `compute_dtype`.
 int4 tensors are re-quantized on load (deterministic) rather than serialized.
 
 tinygemm is a GEMV: at hundreds of prompt rows it makes prefill ~10× slower than bf16, and torchao
 0.18 cannot dequantize its tile-packed layout. With `dense_prefill` (CUDA, the default) each layer
-also keeps its 4-bit codes in plain order (+0.5 byte per weight, next to the 0.5 of the packed
+also keeps its 4-bit codes in vlopt's layout (+0.5 byte per weight, next to the 0.5 of the packed
 copy); `prefill_weight()` rebuilds the dense weight from them, and fast_decode's prefill uses that —
-the same values the kernel multiplies by."""
+the same values the kernel multiplies by. `kernel: triton` needs no second copy."""
 
 from __future__ import annotations
-
-import functools
 
 from typing import ClassVar, Literal
 
@@ -29,7 +32,8 @@ class Config(ModuleSelection):
     quant_type: Literal["nf4", "fp4"] = "nf4"                 # bitsandbytes
     double_quant: bool = True                                 # bitsandbytes
     compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"   # bitsandbytes
-    dense_prefill: bool = True                                # torchao on CUDA: keep plain codes for prefill
+    kernel: Literal["tinygemm", "triton"] = "tinygemm"        # torchao: the decode kernel
+    dense_prefill: bool = True                                # tinygemm on CUDA: keep plain codes for prefill
     changes_weights: ClassVar[bool] = True
     once: ClassVar[bool] = True
 
@@ -42,6 +46,11 @@ def apply(vlm, cfg: Config, ctx):
 
     from vlopt_passes._quant import bnb_replace, torchao_quantize
 
+    if cfg.backend == "bitsandbytes" and cfg.kernel != "tinygemm":
+        raise VloptError(f"int4: `kernel: {cfg.kernel}` chooses the decode kernel of backend torchao; "
+                         "bitsandbytes has its own — drop `kernel` or use backend torchao")
+    if cfg.backend == "torchao" and cfg.kernel == "triton":
+        return _apply_triton(vlm, cfg)
     if cfg.backend == "torchao":
         originals = []      # (module, bf16 weight) whose plain codes the dense prefill keeps
         if vlm.device.type == "cuda":
@@ -85,35 +94,24 @@ def apply(vlm, cfg: Config, ctx):
     return bnb_replace(vlm, cfg, make)
 
 
-class PlainInt4:
-    """A tinygemm-quantized weight's 4-bit codes in plain row-major order, two per byte, with views
-    of its scales and zeros: `()` gives the dense weight, (code − 8) · scale + zero per group."""
+def _apply_triton(vlm, cfg: Config):
+    from vlopt.passes import PassOutcome
+    from vlopt_passes._int4_gemv import Int4Codes, Int4Linear, tune
+    from vlopt_passes._quant import _linears
 
-    def __init__(self, codes, scale, zero, group_size: int, shape: tuple[int, int] | None = None):
-        self.packed = (codes[:, ::2] << 4 | codes[:, 1::2]).to(codes.dtype)    # [N, K/2] uint8
-        self.scale, self.zero, self.group_size = scale, zero, group_size        # [N, K/g, 1]
-        self.shape = tuple(shape or codes.shape)      # the weight's own shape (codes may be padded)
-
-    def __call__(self):
-        fn = _dequantize_compiled() if self.packed.is_cuda else _dequantize
-        return fn(self.packed, self.scale, self.zero, self.group_size, *self.shape)
-
-
-def _dequantize(packed, scale, zero, group_size: int, rows: int, cols: int):
-    import torch
-
-    padded_rows, half = packed.shape
-    codes = torch.stack((packed >> 4, packed & 15), dim=-1).view(padded_rows, -1, group_size)
-    dense = ((codes.to(scale.dtype) - 8) * scale + zero).view(padded_rows, 2 * half)
-    return dense[:rows, :cols].contiguous()
-
-
-@functools.cache
-def _dequantize_compiled():
-    """One fused kernel per weight shape on the GPU (eager, the unpacking steps cost ~3× the
-    matrix products of a prefill: bench/results/h100/int4-prefill.md)."""
-    import torch
-    return torch.compile(_dequantize, dynamic=False)
+    chosen, skipped = _linears(vlm, cfg)
+    for name, linear in chosen:
+        parent_name, _, child = name.rpartition(".")
+        parent = vlm.hf.get_submodule(parent_name) if parent_name else vlm.hf
+        setattr(parent, child, Int4Linear(Int4Codes.quantize(linear.weight, cfg.group_size), linear.bias))
+    if vlm.device.type == "cuda":
+        for name, _ in chosen:
+            tune(vlm.hf.get_submodule(name).codes)
+    where = ("Triton GEMV for one-row inputs, tuned per shape on this GPU" if vlm.device.type == "cuda"
+             else "on CPU through the dense rebuild (the Triton kernel runs on CUDA)")
+    return PassOutcome(touched=[n for n, _ in chosen], skipped=skipped, saved_as="sidecar", notes=[
+        f"vlopt int4, group {cfg.group_size}: {where}; prefill multiplies the rebuilt dense weight",
+        "the checkpoint keeps the unquantized weights; the pass is re-applied on load"])
 
 
 def _keep_plain_codes(module, original, group_size: int) -> bool:
@@ -122,6 +120,8 @@ def _keep_plain_codes(module, original, group_size: int) -> bool:
     import torch
     from torchao.quantization.quant_primitives import _quantize_affine_tinygemm
     from torchao.quantization.utils import unpack_tinygemm_scales_and_zeros
+
+    from vlopt_passes._int4_gemv import Int4Codes
 
     weight = module.weight
     if not hasattr(weight, "scale_and_zero") or tuple(weight.shape) != tuple(original.shape):
@@ -134,5 +134,6 @@ def _keep_plain_codes(module, original, group_size: int) -> bool:
     original = torch.nn.functional.pad(original, (0, padded[1] - cols, 0, padded[0] - rows))
     codes = _quantize_affine_tinygemm(original, [1, group_size], scale.squeeze(-1), zero.squeeze(-1),
                                       torch.uint8, 0, 15)
-    module.prefill_weight = PlainInt4(codes, scale, zero, group_size, shape=(rows, cols))
+    module.prefill_weight = Int4Codes.from_codes(codes, scale.squeeze(-1), zero.squeeze(-1), group_size,
+                                                 shape=(rows, cols))
     return True

@@ -80,8 +80,8 @@ def apply(vlm, cfg: Config, ctx) -> PassOutcome:
         raise VloptError(f"tensor_parallel.size {cfg.size} must divide the {kv_heads} key/value heads and the "
                          f"MLP width {tcfg.intermediate_size}")
     for layer in vlm.text_model.layers:
-        weight = layer.self_attn.q_proj.weight
-        if type(weight.data) is not torch.Tensor:
+        weight = getattr(layer.self_attn.q_proj, "weight", None)
+        if weight is None or type(weight.data) is not torch.Tensor:
             raise VloptError("tensor_parallel shards plain weights; put it before int8/int4")
     rank = dist.get_rank()
     touched = []

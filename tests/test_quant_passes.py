@@ -93,10 +93,11 @@ def test_quantizing_twice_is_a_recipe_conflict(tmp_path):
 
 def test_plain_int4_codes_rebuild_the_tinygemm_dequantized_weight():
     """The dense-prefill form of CUDA int4 (tinygemm tile-packed, which torchao cannot dequantize):
-    torchao's own tinygemm quantizer on the CPU, then PlainInt4 against torchao's dequantizer."""
+    torchao's own tinygemm quantizer on the CPU, then vlopt's Int4Codes against torchao's dequantizer."""
     from torchao.quantization.quant_primitives import (
         MappingType, _choose_qparams_affine_tinygemm, _dequantize_affine_tinygemm, _quantize_affine_tinygemm)
-    from vlopt_passes.int4 import PlainInt4, _keep_plain_codes
+    from vlopt_passes._int4_gemv import Int4Codes
+    from vlopt_passes.int4 import _keep_plain_codes
 
     torch.manual_seed(0)
     w = torch.randn(48, 256, dtype=torch.bfloat16)
@@ -105,12 +106,13 @@ def test_plain_int4_codes_rebuild_the_tinygemm_dequantized_weight():
     codes = _quantize_affine_tinygemm(w, [1, 64], scale, zero, torch.uint8, 0, 15)
     assert int(codes.min()) >= 0 and int(codes.max()) <= 15 and len(codes.unique()) == 16
     expected = _dequantize_affine_tinygemm(codes, [1, 64], scale, zero, torch.uint8, 0, 15, output_dtype=torch.bfloat16)
-    plain = PlainInt4(codes, scale.view(48, 4, 1), zero.view(48, 4, 1), 64)
-    assert plain.packed.shape == (48, 128) and plain.packed.dtype == torch.uint8      # two codes per byte
+    plain = Int4Codes.from_codes(codes, scale, zero, 64)
+    assert plain.packed.numel() == 64 * 128 and plain.packed.dtype == torch.uint8    # two codes per byte, rows to 64
+    assert torch.equal(plain.codes()[:48], codes)
     torch.testing.assert_close(plain(), expected, rtol=0, atol=float(scale.abs().max()) * 2 ** -7)
     assert (plain() - w).abs().max() < scale.abs().max()                           # within a quantization step
     # codes of a padded weight (torchao pads K to a multiple of 1024) give the unpadded weight back
-    cut = PlainInt4(codes, scale.view(48, 4, 1), zero.view(48, 4, 1), 64, shape=(40, 200))()
+    cut = Int4Codes.from_codes(codes, scale, zero, 64, shape=(40, 200))()
     assert cut.shape == (40, 200) and cut.is_contiguous()
     torch.testing.assert_close(cut, plain()[:40, :200], rtol=0, atol=0)
     # a weight that is not tile-packed gets nothing attached

@@ -29,12 +29,13 @@ def _linear(module, x: torch.Tensor, dense: bool) -> torch.Tensor:
     first: low-bit GEMV kernels are built for one row and slow at hundreds of rows, while
     dequantizing a layer costs one pass over its weights. A weight pass may attach
     `module.prefill_weight()` (int4 does for tinygemm's tile-packed layout, which torchao cannot
-    dequantize); tensor types with neither keep their own kernel."""
-    w = module.weight
-    kind = type(w)
-    if dense and kind not in (torch.nn.Parameter, torch.Tensor):
-        if hasattr(module, "prefill_weight"):                  # a weight pass's own dense form
-            return F.linear(x, module.prefill_weight().to(x.dtype), module.bias)
+    dequantize, and so does a module with int4 codes of vlopt's own); tensor types with neither keep
+    their own kernel."""
+    if dense and hasattr(module, "prefill_weight"):            # a weight pass's own dense form
+        return F.linear(x, module.prefill_weight().to(x.dtype), module.bias)
+    kind = type(getattr(module, "weight", None))
+    if dense and kind not in (torch.nn.Parameter, torch.Tensor, type(None)):
+        w = module.weight
         if kind not in _NO_DEQUANTIZE:
             try:
                 dense_w = w.dequantize()
@@ -43,6 +44,13 @@ def _linear(module, x: torch.Tensor, dense: bool) -> torch.Tensor:
             else:
                 return F.linear(x, dense_w.to(x.dtype), module.bias)
     return module(x)
+
+
+def _fused(weight_or_module, h: torch.Tensor, dense: bool) -> torch.Tensor:
+    """A fused projection: a stacked plain weight, or a module that a weight pass stacked."""
+    if isinstance(weight_or_module, torch.Tensor):
+        return F.linear(h, weight_or_module)
+    return _linear(weight_or_module, h, dense)
 
 
 def _rotate_half(x):
@@ -124,11 +132,17 @@ class DecodeEngine:
         """Per layer, [q;k;v] and [gate;up] weights in one buffer each, so a decode step reads them in
         two large products instead of five small ones (measured: bench/results/h100/fuse.md). The
         modules' weights become views into those buffers — same values, no extra memory, and the HF
-        forward and checkpoints see the usual per-module tensors. Plain weights without bias only:
-        None (unfused) otherwise, e.g. after int8/int4."""
+        forward and checkpoints see the usual per-module tensors. Plain weights without bias, or
+        modules whose class stacks its own kind (`fuse(modules)`, e.g. vlopt's int4); None (unfused)
+        otherwise, e.g. after torchao int8."""
         mods = [(a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj)
                 for a, m in ((layer.self_attn, layer.mlp) for layer in vlm.text_model.layers)]
-        if any(type(x.weight.data) is not torch.Tensor or x.bias is not None for group in mods for x in group):
+        kind = type(mods[0][0])
+        if hasattr(kind, "fuse") and all(type(x) is kind for group in mods for x in group):
+            fused = [(kind.fuse(list(group[:3])), kind.fuse(list(group[3:]))) for group in mods]
+            return None if any(f is None for pair in fused for f in pair) else fused
+        if any(type(getattr(x, "weight", None)) is not torch.nn.Parameter or type(x.weight.data) is not torch.Tensor
+               or x.bias is not None for group in mods for x in group):
             return None
         fused = []
         for group in mods:
@@ -174,7 +188,7 @@ class DecodeEngine:
             attn = layer.self_attn
             h = layer.input_layernorm(x)
             if self.fused:
-                q, k, v = F.linear(h, self.fused[i][0]).split(
+                q, k, v = _fused(self.fused[i][0], h, dense).split(
                     [self.n_heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim], -1)
             else:
                 q, k, v = _linear(attn.q_proj, h, dense), _linear(attn.k_proj, h, dense), _linear(attn.v_proj, h, dense)
@@ -194,7 +208,7 @@ class DecodeEngine:
             x = x + _linear(attn.o_proj, o.transpose(1, 2).reshape(1, T, self.n_heads * self.head_dim), dense)
             mlp, h = layer.mlp, layer.post_attention_layernorm(x)
             if self.fused:
-                gate, up = F.linear(h, self.fused[i][1]).chunk(2, -1)
+                gate, up = _fused(self.fused[i][1], h, dense).chunk(2, -1)
             else:
                 gate, up = _linear(mlp.gate_proj, h, dense), _linear(mlp.up_proj, h, dense)
             x = x + _linear(mlp.down_proj, mlp.act_fn(gate) * up, dense)

@@ -2,7 +2,8 @@
 
 Rows: HF generate (eager, the baseline), fast_decode bf16 without and with its fused projections and
 kernel tuning (the defaults), fast_decode + int8 (torchao),
-fast_decode + int4 (torchao, bf16 weights rebuilt first), and the peer HF static cache + compile.
+fast_decode + int4 with torchao's tinygemm kernel and with vlopt's Triton kernel (bf16 weights rebuilt
+first for each), and the peer HF static cache + compile.
 Each row: benchmark JSON (stages, prefill, decode tok/s, GB/s, peak memory) and fidelity against
 the baseline's greedy output. Usage: python bench/gpu/suite.py MODEL OUT.json [--skip-peer]
 """
@@ -99,24 +100,27 @@ def main() -> None:
     if wanted("fast_decode_int8"):
         s, _ = apply(vlm, {"type": "int8"})
         record("fast_decode_int8", vlm, wl, ref, ["fast_decode", "int8"], s)
-    if not wanted("fast_decode_int4") and skip_peer:
-        print("done", flush=True)
-        return
-    del vlm
-    vlm = fresh()
-    original = vlm.text_model.layers[0].mlp.down_proj.weight.detach().clone()
-    s1, _ = apply(vlm, {"type": "fast_decode"})
-    s2, _ = apply(vlm, {"type": "int4", "group_size": 128 if not smoke else 32})
-    with torch.no_grad():
-        results["int4_weight_rel_error"], results["int4_layer_rel_error"] = quantization_errors(
-            vlm.text_model.layers[0].mlp.down_proj, original)
-    print("int4 weight / layer-output relative error:", results["int4_weight_rel_error"], results["int4_layer_rel_error"])
-    record("fast_decode_int4", vlm, wl, ref, ["fast_decode", "int4"], s1 + s2)
-    if wanted("fast_decode_int4_kernel_prefill"):   # the same int4 weights, prefill through tinygemm
-        for _, module in vlm.hf.named_modules():
-            if hasattr(module, "prefill_weight"):
-                del module.prefill_weight
-        record("fast_decode_int4_kernel_prefill", vlm, wl, ref, ["fast_decode", "int4(dense_prefill=false)"])
+    group = 128 if not smoke else 32
+    for kernel in ("tinygemm", "triton"):
+        name = "fast_decode_int4" if kernel == "tinygemm" else "fast_decode_int4_triton"
+        if not (wanted(name) or kernel == "tinygemm" and wanted("fast_decode_int4_kernel_prefill")):
+            continue
+        del vlm
+        vlm = fresh()
+        torch._dynamo.reset()
+        original = vlm.text_model.layers[0].mlp.down_proj.weight.detach().clone()
+        s1, _ = apply(vlm, {"type": "fast_decode"})
+        s2, _ = apply(vlm, {"type": "int4", "group_size": group, "kernel": kernel})
+        with torch.no_grad():
+            errors = quantization_errors(vlm.text_model.layers[0].mlp.down_proj, original)
+        results[f"{kernel}_int4_weight_rel_error"], results[f"{kernel}_int4_layer_rel_error"] = errors
+        print(f"{kernel} int4 weight / layer-output relative error:", *errors, flush=True)
+        record(name, vlm, wl, ref, ["fast_decode", f"int4(kernel={kernel})"], s1 + s2)
+        if kernel == "tinygemm" and wanted("fast_decode_int4_kernel_prefill"):   # same weights, tinygemm prefill
+            for _, module in vlm.hf.named_modules():
+                if hasattr(module, "prefill_weight"):
+                    del module.prefill_weight
+            record("fast_decode_int4_kernel_prefill", vlm, wl, ref, ["fast_decode", "int4(dense_prefill=false)"])
     if not skip_peer and wanted("hf_static_compile"):
         del vlm
         vlm = fresh()
