@@ -29,10 +29,11 @@ def tensor_bytes(t: torch.Tensor) -> int:
 
 
 def decode_step_bytes(vlm, context: int) -> int:
-    """Bytes one decode step must read: decoder weights, final norm, lm_head, and the KV cache at
-    `context` tokens (the embedding table contributes one row, ignored)."""
+    """Bytes one decode step must read: decoder weights (parameters, and buffers, where a weight pass
+    keeps its codes), final norm, lm_head, and the KV cache at `context` tokens (the embedding table
+    contributes one row, ignored)."""
     tm = vlm.text_model
-    weights = sum(tensor_bytes(p) for p in tm.layers.parameters()) + sum(tensor_bytes(p) for p in tm.norm.parameters())
+    weights = sum(tensor_bytes(p) for p in (*tm.layers.parameters(), *tm.layers.buffers(), *tm.norm.parameters()))
     weights += sum(tensor_bytes(p) for p in vlm.lm_head.parameters())
     cfg = tm.config
     kv_heads = cfg.num_key_value_heads or cfg.num_attention_heads
