@@ -15,10 +15,10 @@ other kernels. Here the layout is chosen for the one-row product that decode is:
 
 The kernel factors the scale out of each group's dot product, Σ w·x = s·Σ q·x + (z − 8s)·Σ x, and
 turns codes into floats by placing them in a float's mantissa bits (no int→float converts), so a
-code costs about one shift-and-mask instruction and one FMA. K is split over `split` programs when N alone is too
-few rows to fill the GPU; the last program of a row block to finish adds the partial sums, in K
-order, and writes the output (one kernel per product; measured: the separate sum kernel of an
-earlier version cost more than the split saved — bench/results/h100/int4-gemv.md).
+code costs about one shift-and-mask instruction and one FMA. K is split over `split` programs when N
+alone is too few rows to fill the GPU; the [split, N] float32 partial sums are added by the caller,
+inside the compiled step by an Inductor kernel. (Adding them inside the kernel instead — the last
+program of a row block sums them — measured slower in the decode step: bench/results/h100/int4-triton.md.)
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ class Int4Codes:
         c = self.config
         out = torch.ops.vlopt.int4_gemv(x.reshape(-1), self.packed, self.scale, self.zero, self.shape[1],
                                         self.group_size, c.block_n, c.split, c.num_warps, c.prefetch)
-        return out[: self.shape[0]].view(*x.shape[:-1], self.shape[0])
+        return out[: self.shape[0]].to(x.dtype).view(*x.shape[:-1], self.shape[0])
 
 
 class Int4Linear(torch.nn.Module):
@@ -212,9 +212,8 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
-    def int4_gemv_kernel(x_ptr, words_ptr, scale_ptr, zero_ptr, out_ptr, partial_ptr, counter_ptr, N, K, half_k,
+    def int4_gemv_kernel(x_ptr, words_ptr, scale_ptr, zero_ptr, out_ptr, N, K, half_k,
                          groups_per_split, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, TILE: tl.constexpr,
-                         SPLIT: tl.constexpr,
                          PREFETCH: tl.constexpr, USE_ASM: tl.constexpr, PROBE: tl.constexpr):
         # A program: BLOCK_N rows × its share of K. Per step, one group of each half: GROUP/4 int32 words
         # per row, word i holding bytes 4i..4i+3, i.e. nibble j is column (j % 2)·half_k + 4i + j // 2.
@@ -298,42 +297,20 @@ def _kernel():
             acc += s_lo * dot_lo + s_hi * dot_hi
             acc_rows += tl.sum(z_lo * tl.sum(xsum_lo, 1) - s_lo * tl.sum(sx_lo, 1), 1)
             acc_rows += tl.sum(z_hi * tl.sum(xsum_hi, 1) - s_hi * tl.sum(sx_hi, 1), 1)
-        result = tl.sum(acc, 1) + acc_rows
-        if SPLIT == 1:
-            tl.store(out_ptr + rows, result, mask=row_ok)
-        else:
-            # K is split over SPLIT programs: each stores its partial sums, and the last of them to
-            # arrive (a per-row-block counter) adds them in K order and writes the output, so no
-            # second kernel is needed and the sum does not depend on arrival order.
-            tl.store(partial_ptr + pid_k * N + rows, result, mask=row_ok)
-            tl.debug_barrier()
-            arrived = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-            if arrived == SPLIT - 1:
-                total = tl.zeros([BLOCK_N], dtype=tl.float32)
-                for k in tl.static_range(SPLIT):
-                    total += tl.load(partial_ptr + k * N + rows, mask=row_ok, other=0.0, cache_modifier=".cg")
-                tl.store(out_ptr + rows, total, mask=row_ok)
+        tl.store(out_ptr + pid_k * N + rows, tl.sum(acc, 1) + acc_rows, mask=row_ok)
 
     return int4_gemv_kernel
 
 
 def _launch(x, packed, scale, zero, k: int, group_size: int, block_n: int, split: int, num_warps: int,
             prefetch: bool, out, launch=None, probe: bool = False):
-    """out [Np] (any float dtype) ← packed codes · x. With split > 1 this allocates the partial sums and
-    the zeroed arrival counters the programs meet at."""
     tiles, half_groups, tile_rows, _ = packed.shape
     n, half_k = tiles * tile_rows, half_groups * group_size
     per_split = -(-half_groups // split)
-    blocks = -(-n // block_n)
-    if split > 1:
-        partial = torch.empty(split, n, dtype=torch.float32, device=x.device)
-        counter = torch.zeros(blocks, dtype=torch.int32, device=x.device)
-    else:
-        partial = counter = out          # unused
     kernel = (launch or (lambda f: f))(_kernel())
-    kernel[(blocks, split)](x, packed.view(torch.int32), scale, zero, out, partial, counter, n, k, half_k, per_split,
-                            GROUP=group_size, BLOCK_N=block_n, TILE=tile_rows, SPLIT=split, PREFETCH=prefetch,
-                            USE_ASM=not _interpreting(), PROBE=probe, num_warps=num_warps, num_stages=1)
+    grid = (-(-n // block_n), split)
+    kernel[grid](x, packed.view(torch.int32), scale, zero, out, n, k, half_k, per_split, GROUP=group_size,
+                 BLOCK_N=block_n, TILE=tile_rows, PREFETCH=prefetch, USE_ASM=not _interpreting(), PROBE=probe, num_warps=num_warps, num_stages=1)
 
 
 @functools.cache
@@ -345,9 +322,10 @@ def register_op() -> None:
     @triton_op("vlopt::int4_gemv", mutates_args=())
     def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, k: int,
                   group_size: int, block_n: int, split: int, num_warps: int, prefetch: bool) -> torch.Tensor:
-        out = torch.empty(packed.shape[0] * packed.shape[2], dtype=x.dtype, device=x.device)
-        _launch(x, packed, scale, zero, k, group_size, block_n, split, num_warps, prefetch, out, launch=wrap_triton)
-        return out
+        partial = torch.empty(split, packed.shape[0] * packed.shape[2], dtype=torch.float32, device=x.device)
+        _launch(x, packed, scale, zero, k, group_size, block_n, split, num_warps, prefetch, partial,
+                launch=wrap_triton)
+        return partial.sum(0)
 
 
 def tune(codes: Int4Codes, configs: list[GemvConfig] | None = None) -> GemvConfig:
@@ -384,12 +362,13 @@ def candidate_configs(n: int, wide: bool = False) -> list[GemvConfig]:
 
 
 def time_config(weights: list[Int4Codes], config: GemvConfig, replays: int = 10, probe: bool = False) -> float:
-    """Median milliseconds per GEMV with `config`: one CUDA graph runs it over every weight in turn
-    (launch gaps out, as in the decode step's graph), replayed `replays` times. Includes what a call
-    costs in the step: with split > 1, the counters' memset and the in-kernel final sum."""
+    """Median milliseconds per GEMV kernel with `config`: one CUDA graph runs it over every weight in
+    turn (launch gaps out, as in the decode step's graph), replayed `replays` times. The partial-sum
+    reduction is left out: in the compiled step Inductor fuses it into the next pointwise kernel."""
     first = weights[0]
     x = torch.randn(first.shape[1], dtype=first.scale.dtype, device=first.packed.device)
-    out = torch.empty(max(w.packed.shape[0] * w.packed.shape[2] for w in weights), dtype=x.dtype, device=x.device)
+    out = torch.empty(config.split, max(w.packed.shape[0] * w.packed.shape[2] for w in weights), dtype=torch.float32,
+                      device=x.device)
 
     def run():
         for w in weights:
