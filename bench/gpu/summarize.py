@@ -29,8 +29,15 @@ INT4_NOTE = ("int4 prefill through dense weights rebuilt from plain 4-bit codes 
              "K torchao pads (11008 → 11264): that layer still ran tinygemm at prefill here (covered since "
              "`19ad2f0`, not measured on a GPU); the kernel_prefill row is the same weights without it")
 
+TRITON_CMD = ("python3 bench/gpu/suite.py {m} raw/{m}-int4-triton.json --skip-peer --only "
+              "fast_decode_int4,fast_decode_int4_triton")
+TRITON_NOTE = ("fast_decode_int4 = torchao tinygemm with dense prefill on every layer (down_proj's padded K "
+               "included); fast_decode_int4_triton = `int4 kernel: triton`, vlopt's own layout and GEMV, fused "
+               "q/k/v and gate/up codes (bench/results/h100/int4-triton.md)")
+
 RUNS = {  # newest first: (raw file, the command that wrote it, what differs)
     "eventgpt": [
+        ("eventgpt-int4-triton.json", TRITON_CMD.format(m="eventgpt"), TRITON_NOTE),
         ("eventgpt-int4-dense.json", INT4_CMD.format(m="eventgpt"), INT4_NOTE),
         ("eventgpt.json", "python3 bench/gpu/suite.py eventgpt raw/eventgpt.json "
          "--only fast_decode_bf16_plain,fast_decode_bf16,fast_decode_int4,hf_static_compile", ""),
@@ -38,6 +45,7 @@ RUNS = {  # newest first: (raw file, the command that wrote it, what differs)
          "session 1's engine: projections unfused, kernels untuned (its fast_decode_bf16 = the plain row above)"),
     ],
     "videollava": [
+        ("videollava-int4-triton.json", TRITON_CMD.format(m="videollava"), TRITON_NOTE),
         ("videollava-int4-dense.json", INT4_CMD.format(m="videollava"), INT4_NOTE),
         ("videollava.json", "python3 bench/gpu/suite.py videollava raw/videollava.json "
          "--only fast_decode_bf16,hf_static_compile", ""),
