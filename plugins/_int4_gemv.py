@@ -15,12 +15,10 @@ other kernels. Here the layout is chosen for the one-row product that decode is:
 
 The kernel factors the scale out of each group's dot product, Σ w·x = s·Σ q·x + (z − 8s)·Σ x, and
 turns codes into floats by placing them in a float's mantissa bits (no int→float converts), so a
-code costs about one shift-and-mask instruction and one FMA. A program issues the loads of `unroll`
-groups at once, so that it has bytes in flight without splitting K. K may still be split over
-`split` programs when N alone is too few rows; the [split, N] float32 partial sums are then added
-by the op (Inductor's kernel inside the compiled step). Adding them inside the kernel instead, where
-the last program of a row block sums them, measured slower in the decode step
-(bench/results/h100/int4-triton.md). Tuning times the whole op, so a split pays for its sum.
+code costs about one shift-and-mask instruction and one FMA. K is split over `split` programs when N
+alone is too few rows to fill the GPU; the [split, N] float32 partial sums are added by the caller,
+inside the compiled step by an Inductor kernel. (Adding them inside the kernel instead — the last
+program of a row block sums them — measured slower in the decode step: bench/results/h100/int4-triton.md.)
 """
 
 from __future__ import annotations
@@ -39,7 +37,7 @@ class GemvConfig:
     block_n: int = 32
     split: int = 4
     num_warps: int = 4
-    unroll: int = 2            # groups per loop step, their loads issued together
+    prefetch: bool = True      # load the next step's words before computing this one's
 
 
 class Int4Codes:
@@ -129,8 +127,8 @@ class Int4Codes:
             return torch.nn.functional.linear(x, self.dense().to(x.dtype))
         c = self.config
         out = torch.ops.vlopt.int4_gemv(x.reshape(-1), self.packed, self.scale, self.zero, self.shape[1],
-                                        self.group_size, c.block_n, c.split, c.num_warps, c.unroll)
-        return out[: self.shape[0]].view(*x.shape[:-1], self.shape[0])
+                                        self.group_size, c.block_n, c.split, c.num_warps, c.prefetch)
+        return out[: self.shape[0]].to(x.dtype).view(*x.shape[:-1], self.shape[0])
 
 
 class Int4Linear(torch.nn.Module):
@@ -208,88 +206,18 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-_group_terms = None     # the kernel's per-group helper, set by _kernel() (Triton resolves it here)
-
-
 @functools.cache
 def _kernel():
     import triton
     import triton.language as tl
 
     @triton.jit
-    def group_terms(w, g, valid, x_ptr, scale_ptr, zero_ptr, K, half_k, half_groups, tile_base, tile_rows,
-                    words, GROUP: tl.constexpr, TILE: tl.constexpr, USE_ASM: tl.constexpr, PROBE: tl.constexpr):
-        """One group of each half for BLOCK_N rows: (s·Σf·x' per (row, word), the x-only terms per row).
-        w: the group's words, [BLOCK_N, GROUP/4]; word i holds bytes 4i..4i+3, so nibble j is column
-        (j % 2)·half_k + g·GROUP + 4i + j // 2. `valid` false: contributes zero."""
-        # No int→float converts (a slow instruction): a nibble masked into bits [b, b+4) of the
-        # mantissa of 1.0 is f = 1 + q·2^(b−23), so with x' = x·2^(23−b), f·x' = x' + q·x. Four shifted
-        # copies of the word put each pair of nibbles at b = 15 and 19 (lower b would need x' so large that
-        # float32 loses q·x); one LOP3 per nibble then masks and ORs. Σ(q − 8)·x = Σf·x' − Σx' − 8·Σx, per
-        # half (low nibbles: first half of K, high nibbles: second).
-        dot_lo = tl.zeros(w.shape, dtype=tl.float32)
-        dot_hi = tl.zeros(w.shape, dtype=tl.float32)
-        sx_lo = tl.zeros([1, GROUP // 4], dtype=tl.float32)       # Σx' + 8·Σx, per word
-        sx_hi = tl.zeros([1, GROUP // 4], dtype=tl.float32)
-        xsum_lo = tl.zeros([1, GROUP // 4], dtype=tl.float32)     # Σx, per word
-        xsum_hi = tl.zeros([1, GROUP // 4], dtype=tl.float32)
-        for j in tl.static_range(8):
-            if j < 2:
-                shifted = w << 15
-            elif j < 4:
-                shifted = w << 7
-            elif j < 6:
-                shifted = w >> 1
-            else:
-                shifted = w >> 9
-            b = 15 + 4 * (j % 2)
-            mask = 15 << b
-            if USE_ASM:
-                bits = tl.inline_asm_elementwise("lop3.b32 $0, $1, $2, $3, 0xEA;", "=r,r,r,r",
-                                                 [shifted, tl.full(w.shape, mask, tl.int32),
-                                                  tl.full(w.shape, 0x3F800000, tl.int32)],
-                                                 dtype=tl.int32, is_pure=True, pack=1)
-            else:
-                bits = (shifted & mask) | 0x3F800000
-            f = bits.to(tl.float32, bitcast=True)
-            cols = (j % 2) * half_k + g * GROUP + 4 * words + j // 2
-            x = tl.load(x_ptr + cols[None, :], mask=cols[None, :] < K, other=0.0).to(tl.float32)
-            if PROBE:    # timing probe (bench/gpu/int4_gemv.py): the loads and one FMA per word only
-                if j == 0:
-                    dot_lo += w.to(tl.float32, bitcast=True) * x
-            else:
-                xs = x * (1 << (23 - b))
-                if j % 2 == 0:
-                    dot_lo += f * xs
-                    sx_lo += xs + 8 * x
-                    xsum_lo += x
-                else:
-                    dot_hi += f * xs
-                    sx_hi += xs + 8 * x
-                    xsum_hi += x
-        # scales and zeros are tiled like the words: [tiles, all groups, TILE]; 0 for an invalid group
-        at_lo = (tile_base * 2 + g) * TILE + tile_rows
-        at_hi = at_lo + half_groups * TILE
-        s_lo = tl.load(scale_ptr + at_lo, mask=valid, other=0.0).to(tl.float32)[:, None]
-        z_lo = tl.load(zero_ptr + at_lo, mask=valid, other=0.0).to(tl.float32)[:, None]
-        s_hi = tl.load(scale_ptr + at_hi, mask=valid, other=0.0).to(tl.float32)[:, None]
-        z_hi = tl.load(zero_ptr + at_hi, mask=valid, other=0.0).to(tl.float32)[:, None]
-        # Σw·x = s·Σ(q − 8)·x + z·Σx = s·Σf·x' + (z·Σx − s·(Σx' + 8·Σx)); the last term needs the
-        # group's x sums only, so it is added per row rather than per (row, word)
-        per_row = tl.sum(z_lo * tl.sum(xsum_lo, 1) - s_lo * tl.sum(sx_lo, 1), 1)
-        per_row += tl.sum(z_hi * tl.sum(xsum_hi, 1) - s_hi * tl.sum(sx_hi, 1), 1)
-        return s_lo * dot_lo + s_hi * dot_hi, per_row
-
-    # Triton (and its interpreter) resolve a called jit function among the module's globals.
-    globals()["_group_terms"] = group_terms
-
-    @triton.jit
     def int4_gemv_kernel(x_ptr, words_ptr, scale_ptr, zero_ptr, out_ptr, N, K, half_k,
                          groups_per_split, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, TILE: tl.constexpr,
-                         UNROLL: tl.constexpr, USE_ASM: tl.constexpr, PROBE: tl.constexpr):
-        # A program: BLOCK_N rows × its share of K, UNROLL groups per step with all their loads issued
-        # first (more bytes in flight per program). Partial products stay per (row, word) in registers;
-        # one reduction at the end. out: [split, N] float32 partial sums, or [N] in out's dtype.
+                         PREFETCH: tl.constexpr, USE_ASM: tl.constexpr, PROBE: tl.constexpr):
+        # A program: BLOCK_N rows × its share of K. Per step, one group of each half: GROUP/4 int32 words
+        # per row, word i holding bytes 4i..4i+3, i.e. nibble j is column (j % 2)·half_k + 4i + j // 2.
+        # Partial products stay per (row, word) in registers; one reduction at the end.
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -298,72 +226,106 @@ def _kernel():
         half_groups = half_k // GROUP
         first = pid_k * groups_per_split
         last = tl.minimum(first + groups_per_split, half_groups)
-        acc = tl.zeros([BLOCK_N, GROUP // 4], dtype=tl.float32)
-        acc_rows = tl.zeros([BLOCK_N], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_N, GROUP // 4], dtype=tl.float32)      # Σ s·Σf·x' per (row, word)
+        acc_rows = tl.zeros([BLOCK_N], dtype=tl.float32)              # the x-only terms per row
         # Rows come in tiles of TILE; a tile's words for one group are contiguous (TILE · GROUP/4 words).
         tile_base = (pid_n * BLOCK_N) // TILE * half_groups
         tile_rows = (pid_n * BLOCK_N) % TILE + tl.arange(0, BLOCK_N)
-        at = tile_rows[:, None] * (GROUP // 4) + words[None, :]
-        step: tl.constexpr = TILE * GROUP // 4
-        for g in range(first, last, UNROLL):
-            w0 = tl.load(words_ptr + (tile_base + g) * step + at)
-            if UNROLL >= 2:
-                w1 = tl.load(words_ptr + (tile_base + g + 1) * step + at, mask=g + 1 < last, other=0)
-            if UNROLL >= 4:
-                w2 = tl.load(words_ptr + (tile_base + g + 2) * step + at, mask=g + 2 < last, other=0)
-                w3 = tl.load(words_ptr + (tile_base + g + 3) * step + at, mask=g + 3 < last, other=0)
-            a, r = _group_terms(w0, g, True, x_ptr, scale_ptr, zero_ptr, K, half_k, half_groups, tile_base,
-                               tile_rows, words, GROUP, TILE, USE_ASM, PROBE)
-            acc += a
-            acc_rows += r
-            if UNROLL >= 2:
-                a, r = _group_terms(w1, g + 1, g + 1 < last, x_ptr, scale_ptr, zero_ptr, K, half_k, half_groups,
-                                   tile_base, tile_rows, words, GROUP, TILE, USE_ASM, PROBE)
-                acc += a
-                acc_rows += r
-            if UNROLL >= 4:
-                a, r = _group_terms(w2, g + 2, g + 2 < last, x_ptr, scale_ptr, zero_ptr, K, half_k, half_groups,
-                                   tile_base, tile_rows, words, GROUP, TILE, USE_ASM, PROBE)
-                acc += a
-                acc_rows += r
-                a, r = _group_terms(w3, g + 3, g + 3 < last, x_ptr, scale_ptr, zero_ptr, K, half_k, half_groups,
-                                   tile_base, tile_rows, words, GROUP, TILE, USE_ASM, PROBE)
-                acc += a
-                acc_rows += r
+        in_tile = tile_rows[:, None] * (GROUP // 4) + words[None, :]
+        w_next = tl.load(words_ptr + (tile_base + first) * (TILE * GROUP // 4) + in_tile, mask=first < last, other=0)
+        for g in range(first, last):
+            if PREFETCH:     # next step's words in flight while this step computes
+                w = w_next
+                w_next = tl.load(words_ptr + (tile_base + g + 1) * (TILE * GROUP // 4) + in_tile, mask=g + 1 < last,
+                                 other=0)
+            else:
+                w = tl.load(words_ptr + (tile_base + g) * (TILE * GROUP // 4) + in_tile)
+            # No int→float converts (a slow instruction): a nibble masked into bits [b, b+4) of the
+            # mantissa of 1.0 is f = 1 + q·2^(b−23), so with x' = x·2^(23−b), f·x' = x' + q·x. Four shifted
+            # copies of the word put each pair of nibbles at b = 15 and 19 (lower b would need x' so large that
+            # float32 loses q·x); one LOP3 per nibble then masks and ORs. Σ(q − 8)·x = Σf·x' − Σx' − 8·Σx, per
+            # half (low nibbles: first half of K, high nibbles: second).
+            dot_lo = tl.zeros([BLOCK_N, GROUP // 4], dtype=tl.float32)
+            dot_hi = tl.zeros([BLOCK_N, GROUP // 4], dtype=tl.float32)
+            sx_lo = tl.zeros([1, GROUP // 4], dtype=tl.float32)       # Σx' + 8·Σx, per word
+            sx_hi = tl.zeros([1, GROUP // 4], dtype=tl.float32)
+            xsum_lo = tl.zeros([1, GROUP // 4], dtype=tl.float32)     # Σx, per word
+            xsum_hi = tl.zeros([1, GROUP // 4], dtype=tl.float32)
+            for j in tl.static_range(8):
+                if j < 2:
+                    shifted = w << 15
+                elif j < 4:
+                    shifted = w << 7
+                elif j < 6:
+                    shifted = w >> 1
+                else:
+                    shifted = w >> 9
+                b = 15 + 4 * (j % 2)
+                mask = 15 << b
+                if USE_ASM:
+                    bits = tl.inline_asm_elementwise("lop3.b32 $0, $1, $2, $3, 0xEA;", "=r,r,r,r",
+                                                     [shifted, tl.full(w.shape, mask, tl.int32),
+                                                      tl.full(w.shape, 0x3F800000, tl.int32)],
+                                                     dtype=tl.int32, is_pure=True, pack=1)
+                else:
+                    bits = (shifted & mask) | 0x3F800000
+                f = bits.to(tl.float32, bitcast=True)
+                cols = (j % 2) * half_k + g * GROUP + 4 * words + j // 2
+                x = tl.load(x_ptr + cols[None, :], mask=cols[None, :] < K, other=0.0).to(tl.float32)
+                if PROBE:    # timing probe (bench/gpu/int4_gemv.py): the loads and one FMA per word only
+                    if j == 0:
+                        dot_lo += w.to(tl.float32, bitcast=True) * x
+                else:
+                    xs = x * (1 << (23 - b))
+                    if j % 2 == 0:
+                        dot_lo += f * xs
+                        sx_lo += xs + 8 * x
+                        xsum_lo += x
+                    else:
+                        dot_hi += f * xs
+                        sx_hi += xs + 8 * x
+                        xsum_hi += x
+            # scales and zeros are tiled like the words: [tiles, all groups, TILE]
+            at_lo = (tile_base * 2 + g) * TILE + tile_rows
+            at_hi = at_lo + half_groups * TILE
+            s_lo = tl.load(scale_ptr + at_lo).to(tl.float32)[:, None]
+            z_lo = tl.load(zero_ptr + at_lo).to(tl.float32)[:, None]
+            s_hi = tl.load(scale_ptr + at_hi).to(tl.float32)[:, None]
+            z_hi = tl.load(zero_ptr + at_hi).to(tl.float32)[:, None]
+            # Σw·x = s·Σ(q − 8)·x + z·Σx = s·Σf·x' + (z·Σx − s·(Σx' + 8·Σx)); the last term needs the
+            # group's x sums only, so it is added per row rather than per (row, word)
+            acc += s_lo * dot_lo + s_hi * dot_hi
+            acc_rows += tl.sum(z_lo * tl.sum(xsum_lo, 1) - s_lo * tl.sum(sx_lo, 1), 1)
+            acc_rows += tl.sum(z_hi * tl.sum(xsum_hi, 1) - s_hi * tl.sum(sx_hi, 1), 1)
         tl.store(out_ptr + pid_k * N + rows, tl.sum(acc, 1) + acc_rows, mask=row_ok)
 
     return int4_gemv_kernel
 
 
 def _launch(x, packed, scale, zero, k: int, group_size: int, block_n: int, split: int, num_warps: int,
-            unroll: int, out, launch=None, probe: bool = False):
+            prefetch: bool, out, launch=None, probe: bool = False):
     tiles, half_groups, tile_rows, _ = packed.shape
     n, half_k = tiles * tile_rows, half_groups * group_size
     per_split = -(-half_groups // split)
     kernel = (launch or (lambda f: f))(_kernel())
     grid = (-(-n // block_n), split)
     kernel[grid](x, packed.view(torch.int32), scale, zero, out, n, k, half_k, per_split, GROUP=group_size,
-                 BLOCK_N=block_n, TILE=tile_rows, UNROLL=unroll, USE_ASM=not _interpreting(), PROBE=probe,
-                 num_warps=num_warps, num_stages=1)
+                 BLOCK_N=block_n, TILE=tile_rows, PREFETCH=prefetch, USE_ASM=not _interpreting(), PROBE=probe, num_warps=num_warps, num_stages=1)
 
 
 @functools.cache
 def register_op() -> None:
     """`torch.ops.vlopt.int4_gemv`: a torch op around the kernel, so torch.compile inlines it into the
-    compiled decode step (and it is captured in the step's CUDA graph). With split 1 the kernel writes
-    the output itself; otherwise it writes float32 partial sums and the op adds them."""
+    compiled decode step (and it is captured in the step's CUDA graph)."""
     from torch.library import triton_op, wrap_triton
 
     @triton_op("vlopt::int4_gemv", mutates_args=())
     def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, k: int,
-                  group_size: int, block_n: int, split: int, num_warps: int, unroll: int) -> torch.Tensor:
-        n = packed.shape[0] * packed.shape[2]
-        if split == 1:
-            out = torch.empty(n, dtype=x.dtype, device=x.device)
-        else:
-            out = torch.empty(split, n, dtype=torch.float32, device=x.device)
-        _launch(x, packed, scale, zero, k, group_size, block_n, split, num_warps, unroll, out, launch=wrap_triton)
-        return out if split == 1 else out.sum(0).to(x.dtype)
+                  group_size: int, block_n: int, split: int, num_warps: int, prefetch: bool) -> torch.Tensor:
+        partial = torch.empty(split, packed.shape[0] * packed.shape[2], dtype=torch.float32, device=x.device)
+        _launch(x, packed, scale, zero, k, group_size, block_n, split, num_warps, prefetch, partial,
+                launch=wrap_triton)
+        return partial.sum(0)
 
 
 def tune(codes: Int4Codes, configs: list[GemvConfig] | None = None) -> GemvConfig:
@@ -391,32 +353,27 @@ def candidate_configs(n: int, wide: bool = False) -> list[GemvConfig]:
     for block_n in (8, 16, 32, 64) if wide else (16, 32, 64):     # each divides TILE_ROWS
         programs = -(-n // block_n)
         for split in (1, 2, 4, 8, 16) if wide else (1, 2, 4, 8):
-            if programs * split < 66 or programs * split > 132 * 16:
+            if programs * split < 132 or programs * split > 132 * 16:
                 continue
-            for num_warps in (1, 2, 4, 8) if wide else (2, 4):
-                for unroll in (1, 2, 4) if wide else (2, 4):
-                    out.append(GemvConfig(block_n, split, num_warps, unroll))
+            for num_warps in (1, 2, 4, 8) if wide else (2, 4, 8):
+                for prefetch in (False, True) if wide else (True,):
+                    out.append(GemvConfig(block_n, split, num_warps, prefetch))
     return out or [GemvConfig()]
 
 
 def time_config(weights: list[Int4Codes], config: GemvConfig, replays: int = 10, probe: bool = False) -> float:
-    """Median milliseconds per GEMV op with `config` (the kernel, and the partial-sum reduction when K
-    is split): one CUDA graph runs it over every weight in turn (launch gaps out, as in the decode
-    step's graph), replayed `replays` times. `probe`: the kernel alone with its unpacking left out."""
+    """Median milliseconds per GEMV kernel with `config`: one CUDA graph runs it over every weight in
+    turn (launch gaps out, as in the decode step's graph), replayed `replays` times. The partial-sum
+    reduction is left out: in the compiled step Inductor fuses it into the next pointwise kernel."""
     first = weights[0]
     x = torch.randn(first.shape[1], dtype=first.scale.dtype, device=first.packed.device)
-    scratch = torch.empty(config.split, max(w.packed.shape[0] * w.packed.shape[2] for w in weights),
-                          dtype=torch.float32, device=x.device)
+    out = torch.empty(config.split, max(w.packed.shape[0] * w.packed.shape[2] for w in weights), dtype=torch.float32,
+                      device=x.device)
 
     def run():
         for w in weights:
-            if probe:
-                _launch(x, w.packed, w.scale, w.zero, w.shape[1], w.group_size, config.block_n, config.split,
-                        config.num_warps, config.unroll, scratch, probe=True)
-            else:
-                torch.ops.vlopt.int4_gemv(x, w.packed, w.scale, w.zero, w.shape[1], w.group_size, config.block_n,
-                                          config.split, config.num_warps, config.unroll)
-    register_op()
+            _launch(x, w.packed, w.scale, w.zero, w.shape[1], w.group_size, config.block_n, config.split,
+                    config.num_warps, config.prefetch, out, probe=probe)
     run()                                   # compiles this config
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
