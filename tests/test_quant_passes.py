@@ -67,6 +67,7 @@ def test_int8_torchao_checkpoint_holds_quantized_weights(tmp_path):
 
 
 @pytest.mark.parametrize("cfg", [{"type": "int4", "group_size": 32},
+                                 {"type": "int4", "group_size": 32, "kernel": "triton"},
                                  {"type": "int8", "backend": "bitsandbytes"}])
 def test_passes_the_checkpoint_cannot_hold_are_reapplied_on_load(tmp_path, cfg):
     result = run_recipe({"model": {"name": "eventgpt", "dtype": "float32", "device": "cpu"},
