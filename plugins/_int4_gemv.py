@@ -362,23 +362,26 @@ def candidate_configs(n: int, wide: bool = False) -> list[GemvConfig]:
 
 
 def time_config(weights: list[Int4Codes], config: GemvConfig, replays: int = 10, probe: bool = False) -> float:
-    """Median milliseconds per GEMV kernel with `config`: one CUDA graph runs it over every weight in
-    turn (launch gaps out, as in the decode step's graph), replayed `replays` times. The partial-sum
-    reduction is left out: in the compiled step Inductor fuses it into the next pointwise kernel."""
-    first = weights[0]
-    x = torch.randn(first.shape[1], dtype=first.scale.dtype, device=first.packed.device)
+    """Median milliseconds per GEMV kernel with `config`, run over every weight in turn (`graph_ms`).
+    The partial-sum reduction is left out: in the compiled step Inductor fuses it with what follows."""
+    x = torch.randn(weights[0].shape[1], dtype=weights[0].scale.dtype, device=weights[0].packed.device)
     out = torch.empty(config.split, max(w.packed.shape[0] * w.packed.shape[2] for w in weights), dtype=torch.float32,
                       device=x.device)
+    return graph_ms([functools.partial(_launch, x, w.packed, w.scale, w.zero, w.shape[1], w.group_size, config.block_n,
+                                       config.split, config.num_warps, config.prefetch, out, probe=probe)
+                     for w in weights], replays)
 
-    def run():
-        for w in weights:
-            _launch(x, w.packed, w.scale, w.zero, w.shape[1], w.group_size, config.block_n, config.split,
-                    config.num_warps, config.prefetch, out, probe=probe)
-    run()                                   # compiles this config
+
+def graph_ms(calls: list, replays: int = 10) -> float:
+    """Median milliseconds per call: one CUDA graph runs `calls` in turn (launch gaps out, as in the
+    decode step's graph; enough different weights overflow L2), replayed `replays` times."""
+    for call in calls:                      # compiles what needs compiling, outside the capture
+        call()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        run()
+        for call in calls:
+            call()
     times = []
     for _ in range(replays):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -386,5 +389,5 @@ def time_config(weights: list[Int4Codes], config: GemvConfig, replays: int = 10,
         graph.replay()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) / len(weights))
+        times.append(start.elapsed_time(end) / len(calls))
     return sorted(times)[len(times) // 2]

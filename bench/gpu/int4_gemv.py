@@ -24,33 +24,13 @@ SHAPES = {                      # name: (N, K) of a 7B LLaMA decoder layer
 GROUP = 128
 
 
-def graph_ms(calls: list, replays: int = 10) -> float:
-    import torch
-    for c in calls:
-        c()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for c in calls:
-            c()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / len(calls))
-    return sorted(times)[len(times) // 2]
-
-
 def main() -> None:
     import torch
     import torch.nn.functional as F
 
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
     from vlopt.machine import machine_info
-    from vlopt_passes._int4_gemv import Int4Codes, candidate_configs, register_op, time_config
+    from vlopt_passes._int4_gemv import Int4Codes, candidate_configs, graph_ms, register_op, time_config
 
     register_op()
     wide = "--wide" in sys.argv
