@@ -10,8 +10,9 @@ other kernels. Here the layout is chosen for the one-row product that decode is:
   and column Kp/2 + b in its high nibble, so one span of bytes serves one group of each half;
 - rows come in tiles of 64 (N padded up): for each group, a tile's 64 rows of bytes are stored
   together, so a kernel step reads one contiguous 8 KB block rather than 64 scattered 128-byte
-  pieces. scale and zero are tiled the same way, [Np/64, Kp/group_size, 64]. Whole tiles stack
-  along N, so fused q/k/v or gate/up weights are a concatenation.
+  pieces (measured about as fast as the untiled layout, bench/results/h100/int4-triton.md; kept
+  because whole tiles stack along N, so fused q/k/v or gate/up codes are a concatenation whose
+  parts stay views). scale and zero are tiled the same way, [Np/64, Kp/group_size, 64].
 
 The kernel factors the scale out of each group's dot product, Σ w·x = s·Σ q·x + (z − 8s)·Σ x, and
 turns codes into floats by placing them in a float's mantissa bits (no int→float converts), so a
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 
-TILE_ROWS = 64      # rows per tile: a kernel step reads one tile's group as one contiguous 4 KB
+TILE_ROWS = 64      # rows per tile: a kernel step reads one tile's group as one contiguous block (8 KB at group 128)
 
 
 @dataclass(frozen=True)
