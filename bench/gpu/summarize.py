@@ -27,7 +27,7 @@ COMMIT_RAN = {"eventgpt.json": "a78ad88524c3b6c9ce3c1c47cda78485b9940726",
 INT4_CMD = "python3 bench/gpu/suite.py {m} raw/{m}-int4-dense.json --skip-peer --only fast_decode_int4,fast_decode_int4_kernel_prefill"
 INT4_NOTE = ("int4 prefill through dense weights rebuilt from plain 4-bit codes (compiled), except down_proj, whose "
              "K torchao pads (11008 → 11264): that layer still ran tinygemm at prefill here (covered since "
-             "`19ad2f0`, not measured on a GPU); the kernel_prefill row is the same weights without it")
+             "`19ad2f0`, measured in the int4-triton runs above); the kernel_prefill row is the same weights without it")
 
 TRITON_CMD = ("python3 bench/gpu/suite.py {m} raw/{m}-int4-triton.json --skip-peer --only "
               "fast_decode_int4,fast_decode_int4_triton")
