@@ -10,15 +10,39 @@ from typing import Optional
 
 import typer
 
+from vlopt.recipe import MAX_NEW_TOKENS
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Make stage 4 (LLM decoding) of EventGPT and Video-LLaVA fast, and prove it.")
-STATE = {"quiet": False, "debug": False}
+# interrupted: a Ctrl-C arrived; reraise: the next SIGINT is our own re-raise of one a finalizer
+# swallowed; finished: main() has its exit code.
+STATE = {"quiet": False, "debug": False, "interrupted": False, "reraise": False, "finished": False}
+
+
+def _set_flag(ctx: typer.Context, param: typer.CallbackParam, value: bool) -> None:
+    if value:
+        STATE[param.name] = True
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from vlopt import __version__
+        print(f"vlopt {__version__}")
+        raise typer.Exit()
+
+
+# -q/--quiet and --debug are accepted before and after the subcommand (`_command` adds them to each one).
+GLOBAL_OPTIONS = ("quiet", "debug")
 
 
 @app.callback()
-def _main(quiet: bool = typer.Option(False, "-q", "--quiet", help="Print results only, no progress."),
-          debug: bool = typer.Option(False, "--debug", help="Show tracebacks for user errors.")):
-    STATE["quiet"], STATE["debug"] = quiet, debug
+def _main(quiet: bool = typer.Option(False, "-q", "--quiet", callback=_set_flag, expose_value=False,
+                                     help="Print results only, no progress."),
+          debug: bool = typer.Option(False, "--debug", callback=_set_flag, expose_value=False,
+                                     help="Show tracebacks for user errors."),
+          version: bool = typer.Option(False, "--version", callback=_print_version, expose_value=False,
+                                       is_eager=True, help="Print vlopt's version and exit.")):
+    pass
 
 
 def _console():
@@ -67,7 +91,9 @@ def bench(model: str = typer.Option("eventgpt", help="eventgpt | videollava | a 
           dtype: str = typer.Option("auto", help="auto (bf16 on cuda, float32 on cpu) | bfloat16 | float16 | float32"),
           workload: Optional[str] = typer.Option(None, help="Default: the model's own (eventgpt / videollava)."),
           samples: int = typer.Option(3, min=1), warmup: int = typer.Option(1, min=0),
-          new_tokens: Optional[int] = typer.Option(None, min=1, help="Token budget (default: the workload's)."),
+          new_tokens: Optional[int] = typer.Option(None, min=1, max=MAX_NEW_TOKENS,
+                                                   help=f"Token budget, at most {MAX_NEW_TOKENS} as in a recipe "
+                                                        "(default: the workload's)."),
           natural: bool = typer.Option(False, help="Stop at EOS instead of a fixed budget."),
           input_path: Optional[Path] = typer.Option(None, "--input", help="Event file / frames folder / image."),
           allow_pickle: bool = typer.Option(False, help="Allow the original pickled-dict event .npy (runs code)."),
@@ -264,32 +290,103 @@ def _quiet_libraries() -> None:
         pass
 
 
-def main(argv: list[str] | None = None) -> int:
+def _command():
+    """The click group behind `app`, with the global options added to every subcommand."""
+    group = typer.main.get_command(app)
+    shared = [p for p in group.params if p.name in GLOBAL_OPTIONS]
+    for sub in group.commands.values():
+        sub.params.extend(p for p in shared if p not in sub.params)
+    return group
+
+
+def _usage_message(err) -> str:
+    """A click usage error as one line, with where to look for help."""
+    ctx = getattr(err, "ctx", None)
+    if type(err).__name__ == "NoArgsIsHelpError":     # `vlopt` alone: its message is the whole help
+        names = ", ".join(sorted(ctx.command.commands)) if ctx is not None and hasattr(ctx.command, "commands") else ""
+        message = f"missing command{f' (one of {names})' if names else ''}"
+    else:
+        message = " ".join(err.format_message().split())
+    hint = f"; see '{ctx.command_path} --help'" if ctx is not None else ""
+    return message.rstrip(".") + hint
+
+
+def _on_sigint(signum, frame):
+    import os
+
+    if STATE["reraise"]:             # our own re-raise of a Ctrl-C that a finalizer swallowed
+        STATE["reraise"] = False
+        if not STATE["finished"]:
+            raise KeyboardInterrupt
+        return
+    if STATE["interrupted"] or STATE["finished"]:    # a second Ctrl-C, or one while exiting: stop now
+        os.write(2, b"vlopt: interrupted\n")
+        os._exit(130)
+    STATE["interrupted"] = True
+    raise KeyboardInterrupt
+
+
+def _install_interrupt_handling() -> None:
+    """Ctrl-C raises KeyboardInterrupt once (so a pass in progress is recorded as interrupted); a
+    second Ctrl-C exits at once. Python drops an exception raised inside a finalizer or weakref
+    callback ("Exception ignored in ..."), which let an interrupted run go on: such a KeyboardInterrupt
+    is raised again in the main flow instead, once the finalizer has returned."""
+    import signal
+    import threading
+
+    signal.signal(signal.SIGINT, _on_sigint)
+    previous = sys.unraisablehook
+    main_thread = threading.main_thread().ident
+
+    def hook(info):
+        if isinstance(info.exc_value, KeyboardInterrupt):
+            if not STATE["finished"]:
+                STATE["reraise"] = True
+                timer = threading.Timer(0.05, signal.pthread_kill, (main_thread, signal.SIGINT))
+                timer.daemon = True
+                timer.start()
+            return
+        previous(info)
+
+    sys.unraisablehook = hook
+
+
+def _run(argv: list[str] | None) -> int:
     from vlopt.errors import VloptError
 
-    _quiet_libraries()
     try:
-        # In non-standalone mode click returns a command's `Exit` code instead of raising it.
-        code = app(args=argv, standalone_mode=False)
-        if isinstance(code, int):
-            return code
+        _quiet_libraries()
+        # In non-standalone mode click returns a command's `Exit` code instead of raising it, and
+        # returns 130 for a KeyboardInterrupt inside a command.
+        code = _command().main(args=argv, prog_name="vlopt", standalone_mode=False)
+        return code if isinstance(code, int) else 0
     except VloptError as err:
         if STATE["debug"]:
             raise
-        print(f"vlopt: error: {err}", file=sys.stderr)
+        print(f"vlopt: error: {' '.join(str(err).splitlines())}", file=sys.stderr)
         return 2
-    except (typer.Exit, SystemExit) as ex:
-        return int(getattr(ex, "exit_code", getattr(ex, "code", 0)) or 0)
+    except typer.Exit as ex:
+        return ex.exit_code
+    except typer.TyperException as err:   # click's errors (typer vendors click as typer._click)
+        print(f"vlopt: error: {_usage_message(err)}", file=sys.stderr)
+        return 2
+    except typer.Abort:
+        print("vlopt: aborted", file=sys.stderr)
+        return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The `vlopt` script: usage and recipe errors are one line and exit 2; Ctrl-C exits 130."""
+    _install_interrupt_handling()
+    try:
+        code = _run(argv)
     except KeyboardInterrupt:
+        code = 130
+    STATE["finished"] = True
+    if STATE["interrupted"] or code == 130:
         print("vlopt: interrupted", file=sys.stderr)
         return 130
-    except Exception as err:  # click usage errors arrive here in non-standalone mode
-        import click
-        if isinstance(err, click.ClickException):
-            err.show()
-            return 2
-        raise
-    return 0
+    return code
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from vlopt.errors import VloptError
 
+MAX_NEW_TOKENS = 4096     # the token budget's cap, here and in `vlopt bench --new-tokens`
+
 
 class ModelSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -33,10 +35,10 @@ class BenchmarkSpec(BaseModel):
     workload: str | None = None       # default: the model's own
     samples: int = Field(3, ge=1, le=1000)
     warmup: int = Field(1, ge=0, le=100)
-    new_tokens: int | None = Field(None, ge=1, le=4096)
+    new_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
     natural: bool = False             # stop at EOS instead of a fixed token budget
     input: str | None = None          # event file / frames folder; default: the synthetic demo input
-    fidelity_tokens: int | None = Field(None, ge=2, le=4096)
+    fidelity_tokens: int | None = Field(None, ge=2, le=MAX_NEW_TOKENS)
 
 
 class Recipe(BaseModel):
