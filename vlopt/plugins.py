@@ -1,7 +1,11 @@
 """Loading plugins from the `vlopt` entry-point group and collecting what they register.
 
-`VLOPT_LOAD_PLUGINS=a,b` loads only the named third-party plugins; empty loads the built-ins only.
-A plugin that fails to import or raises in a hook is recorded by name and the others still load.
+Every entry point names a module (or object) with hook implementations. vlopt's own entry points
+(one per built-in pass and model family) together form the plugin `builtin`; any other entry point
+is a plugin of its own, by its entry-point name. `VLOPT_LOAD_PLUGINS=a,b` loads only the named
+third-party plugins; empty loads the built-ins only. A plugin that fails to import or raises in a
+hook is recorded by name and the others still load. Nothing here imports torch: registering is
+declaring (configs, family declarations); what runs is imported when it runs.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from vlopt import hookspecs
 from vlopt.errors import VloptError
 
 BUILTIN = "builtin"
+OWN_DISTRIBUTION = "vlopt"
 
 
 @dataclass
@@ -41,8 +46,9 @@ class PluginInfo:
 @dataclass
 class Registry:
     passes: dict[str, PassEntry]
-    models: dict[str, Any]
+    models: dict[str, Any]          # family name → vlopt.models.ModelFamily
     plugins: list[PluginInfo]
+    workloads: dict[str, Any] = field(default_factory=dict)   # workload name → vlopt.models.Workload
 
     def pass_entry(self, type_name: str) -> PassEntry:
         if type_name not in self.passes:
@@ -51,11 +57,18 @@ class Registry:
 
     def apply(self, vlm, raw: dict, ctx=None):
         """Validate a pass config given as a dict (a recipe entry) and apply it to `vlm`."""
+        from pydantic import ValidationError
+
         from vlopt.passes import PassContext
 
         entry = self.pass_entry(raw["type"])
         ctx = ctx or PassContext(device=str(vlm.device))
-        return entry.apply(vlm, entry.config.model_validate(raw), ctx)
+        try:
+            cfg = entry.config.model_validate(raw)
+        except ValidationError as err:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or raw['type']}: {e['msg']}" for e in err.errors())
+            raise VloptError(f"pass {raw['type']}: {problems}") from None
+        return entry.apply(vlm, cfg, ctx)
 
     def broken_note(self) -> str:
         broken = [f"{p.name} ({p.error})" for p in self.plugins if p.error]
@@ -70,46 +83,62 @@ def _allowed() -> set[str] | None:
 
 
 def _entry_points() -> list[metadata.EntryPoint]:
-    return sorted(metadata.entry_points(group="vlopt"), key=lambda ep: (ep.name != BUILTIN, ep.name))
+    return sorted(metadata.entry_points(group="vlopt"), key=lambda ep: (not _is_builtin(ep), ep.name))
+
+
+def _is_builtin(ep: metadata.EntryPoint) -> bool:
+    return ep.dist is not None and ep.dist.name == OWN_DISTRIBUTION
+
+
+def _load(eps) -> tuple[list[tuple[str, str | None, list]], list[PluginInfo]]:
+    """Import the entry points, grouped into plugins: (name, version, hook objects) and the
+    PluginInfo of those that failed to import."""
+    allowed = _allowed()
+    groups: dict[str, tuple[str | None, list]] = {}
+    failed: dict[str, PluginInfo] = {}
+    for ep in eps:
+        name = BUILTIN if _is_builtin(ep) else ep.name
+        if name != BUILTIN and allowed is not None and name not in allowed:
+            continue
+        version = ep.dist.version if ep.dist else None
+        try:
+            obj = ep.load()
+        except Exception as err:  # a broken plugin must not take the others down
+            failed[name] = PluginInfo(name, version, error=f"import failed ({ep.value}): {type(err).__name__}: {err}")
+            continue
+        groups.setdefault(name, (version, []))[1].append(obj)
+    return [(name, version, objs) for name, (version, objs) in groups.items()], list(failed.values())
 
 
 def build_registry(extra: list[tuple[str, Any]] = ()) -> Registry:
     """Load the entry points (plus `extra` (name, plugin object) pairs) and collect registrations."""
     from vlopt.passes import PassConfig
 
-    allowed = _allowed()
-    loaded: list[tuple[str, str | None, Any]] = []
-    infos: list[PluginInfo] = []
     eps = _entry_points()
-    if not any(ep.name == BUILTIN for ep in eps):
+    if not any(_is_builtin(ep) for ep in eps):
         raise VloptError("the built-in passes are not registered: vlopt is not installed; "
                          "run `pip install -e .` in the vlopt folder")
-    for ep in eps:
-        if ep.name != BUILTIN and allowed is not None and ep.name not in allowed:
-            continue
-        version = ep.dist.version if ep.dist else None
-        try:
-            loaded.append((ep.name, version, ep.load()))
-        except Exception as err:  # a broken plugin must not take the others down
-            infos.append(PluginInfo(ep.name, version, error=f"import failed: {type(err).__name__}: {err}"))
-    loaded.extend((name, None, obj) for name, obj in extra)
+    loaded, infos = _load(eps)
+    loaded.extend((name, None, [obj]) for name, obj in extra)
 
     passes: dict[str, PassEntry] = {}
     models: dict[str, Any] = {}
-    for name, version, obj in loaded:
+    workloads: dict[str, Any] = {}
+    for name, version, objs in loaded:
         pm = pluggy.PluginManager("vlopt")
         pm.add_hookspecs(hookspecs)
         info = PluginInfo(name, version)
         infos.append(info)
         try:
-            pm.register(obj, name=name)
+            for i, obj in enumerate(objs):
+                pm.register(obj, name=f"{name}.{i}")
             pm.check_pending()
         except pluggy.PluginValidationError as err:
             # A misspelled or mis-signed hook would silently never run: refuse it.
             raise VloptError(f"plugin '{name}' has an invalid hook implementation: {err}; hooks are "
                              f"{', '.join(sorted(h for h in dir(hookspecs) if h.startswith('register_')))}. "
                              "Fix the plugin or leave it out with VLOPT_LOAD_PLUGINS") from None
-        info.hooks = sorted(h.name for h in pm.get_hookcallers(obj) or [])
+        info.hooks = sorted({h.name for obj in objs for h in pm.get_hookcallers(obj) or []})
 
         def register_pass(config, apply, _name=name, _version=version, _info=info):
             if not (isinstance(config, type) and issubclass(config, PassConfig)):
@@ -130,6 +159,13 @@ def build_registry(extra: list[tuple[str, Any]] = ()) -> Registry:
         def register_model(family, _name=name, _info=info):
             if family.name in models:
                 raise VloptError(f"model '{family.name}' is registered twice (plugin '{_name}')")
+            for w in family.workloads:
+                if w.model != family.name:
+                    raise VloptError(f"plugin '{_name}': workload '{w.name}' of family '{family.name}' names "
+                                     f"model '{w.model}'")
+                if w.name in workloads:
+                    raise VloptError(f"workload '{w.name}' is registered twice (plugin '{_name}')")
+                workloads[w.name] = w
             models[family.name] = family
             _info.models.append(family.name)
 
@@ -140,7 +176,7 @@ def build_registry(extra: list[tuple[str, Any]] = ()) -> Registry:
                 raise
             except Exception as err:
                 info.error = f"{hook} raised {type(err).__name__}: {err}"
-    return Registry(passes, models, infos)
+    return Registry(passes, models, infos, workloads)
 
 
 _REGISTRY: Registry | None = None

@@ -1,59 +1,76 @@
-"""Model families, presets and loading. Families register through the `register_models` hook; the
-two built-in ones are registered the same way (see `vlopt.plugins`)."""
+"""Model families, their workloads, presets and loading.
+
+A family is declared as data (`ModelFamily`) and registered through the `register_models` hook, by
+vlopt's own families (`vlopt/models/families/`) exactly as by a plugin's. The declaration names the
+module that builds and loads the model; that module (torch, transformers) is imported only when a
+model is built, so listing what is registered stays light."""
 
 from __future__ import annotations
 
+import importlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from vlopt.errors import VloptError
-from vlopt.models.base import WORKLOADS, Stage4Input, VLModel, Workload, get_workload
 
-__all__ = ["ModelFamily", "Stage4Input", "VLModel", "Workload", "WORKLOADS", "get_workload",
-           "PRESETS", "load_model", "describe", "resolve_device", "resolve_dtype", "BUILTIN_FAMILIES"]
+__all__ = ["ModelFamily", "Workload", "get_workload", "PRESETS", "load_model", "describe", "resolve_device",
+           "resolve_dtype"]
 
 PRESETS = ("tiny", "7b")
 
 
 @dataclass(frozen=True)
-class ModelFamily:
-    """How to build a model from a preset, and how to recognise and load a checkpoint folder."""
+class Workload:
+    """One benchmark shape: which model, what input, how many frames and new tokens."""
 
     name: str
-    build: Callable[..., VLModel]               # build(preset, *, dtype, device, meta=False)
-    load: Callable[..., VLModel]                # load(path, config_dict, *, dtype, device)
-    recognizes: Callable[[dict], bool]          # recognizes(config_dict) -> bool
+    model: str               # the family that declares it
+    input_kind: str          # "events" | "video" | "image"
+    frames: int
+    new_tokens: int
+    questions: int = 1       # >1: several questions about one clip (prefix-reuse workloads)
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """A model family: its recipe name, the module that builds it, the checkpoints it recognises and
+    its benchmark workloads.
+
+    `module` defines `build(preset, *, dtype, device, meta=False) -> VLModel` and
+    `load_checkpoint(path, config_dict, *, dtype, device) -> VLModel`. A checkpoint folder is this
+    family's when its `config.json` has a `model_type` in `model_types`."""
+
+    name: str
+    module: str
+    model_types: tuple[str, ...] = ()
+    workloads: tuple[Workload, ...] = ()
     presets: tuple[str, ...] = PRESETS
 
+    def build(self, preset: str, **kwargs):
+        return importlib.import_module(self.module).build(preset, **kwargs)
 
-def _eventgpt_build(*a, **k):
-    from vlopt.models import eventgpt
-    return eventgpt.build(*a, **k)
+    def load(self, path, config: dict, **kwargs):
+        return importlib.import_module(self.module).load_checkpoint(path, config, **kwargs)
 
-
-def _eventgpt_load(*a, **k):
-    from vlopt.models import eventgpt
-    return eventgpt.load_checkpoint(*a, **k)
-
-
-def _videollava_build(*a, **k):
-    from vlopt.models import videollava
-    return videollava.build(*a, **k)
+    def recognizes(self, config: dict) -> bool:
+        return config.get("model_type") in self.model_types
 
 
-def _videollava_load(*a, **k):
-    from vlopt.models import videollava
-    return videollava.load_checkpoint(*a, **k)
+def _registry():
+    from vlopt.plugins import get_registry
+    return get_registry()
 
 
-BUILTIN_FAMILIES = [
-    ModelFamily("eventgpt", _eventgpt_build, _eventgpt_load,
-                lambda c: c.get("model_type") in ("EventChat_llama", "eventgpt")),
-    ModelFamily("videollava", _videollava_build, _videollava_load,
-                lambda c: c.get("model_type") == "video_llava"),
-]
+def get_workload(name: str, *, model: str | None = None) -> Workload:
+    """A registered workload; with `model`, also check that it is that model's."""
+    workloads = _registry().workloads
+    if name not in workloads:
+        raise VloptError(f"unknown workload '{name}'; choose one of {sorted(workloads)}")
+    workload = workloads[name]
+    if model is not None and workload.model != model:
+        raise VloptError(f"workload '{name}' is for {workload.model}, not {model}")
+    return workload
 
 
 def resolve_device(device: str) -> str:
@@ -83,17 +100,12 @@ def resolve_dtype(name: str, device: str):
     return table[name]
 
 
-def _families() -> dict[str, ModelFamily]:
-    from vlopt.plugins import get_registry
-    return get_registry().models
-
-
 def load_model(name: str | None = None, *, preset: str = "tiny", path: str | None = None,
-               dtype: str = "auto", device: str = "auto", allow_pickle: bool = False) -> VLModel:
+               dtype: str = "auto", device: str = "auto", allow_pickle: bool = False):
     """Build a preset (`name` + `preset`) or load a local checkpoint folder (`path`)."""
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
-    families = _families()
+    families = _registry().models
     if path is not None:
         folder = Path(path)
         cfg_file = folder / "config.json"
@@ -106,8 +118,9 @@ def load_model(name: str | None = None, *, preset: str = "tiny", path: str | Non
             raise VloptError(f"{cfg_file} is not valid JSON: {err}") from None
         matches = [f for f in families.values() if f.recognizes(config)]
         if not matches:
-            raise VloptError(f"{path}: model_type {config.get('model_type')!r} is neither of the known layouts "
-                             f"({', '.join(families)}); expected EventChat_llama/eventgpt or video_llava")
+            known = "; ".join(f"{f.name}: {'/'.join(f.model_types)}" for f in families.values() if f.model_types)
+            raise VloptError(f"{path}: model_type {config.get('model_type')!r} is none of the known layouts "
+                             f"({', '.join(families)}); expected one of the model_types {known}")
         vlm = matches[0].load(folder, config, dtype=torch_dtype, device=device)
     else:
         if name not in families:
@@ -124,9 +137,9 @@ def load_model(name: str | None = None, *, preset: str = "tiny", path: str | Non
 
 def describe(name: str, preset: str) -> dict:
     """Parameter count, visual rows and context length of the default workload, on the meta device."""
-    family = _families().get(name)
+    family = _registry().models.get(name)
     if family is None:
-        raise VloptError(f"unknown model '{name}'; choose one of {sorted(_families())}")
+        raise VloptError(f"unknown model '{name}'; choose one of {sorted(_registry().models)}")
     import torch
 
     vlm = family.build(preset, dtype=torch.bfloat16, device="cpu", meta=True)

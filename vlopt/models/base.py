@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 import torch
 
 from vlopt.errors import VloptError
+from vlopt.models import Workload  # noqa: F401  (adapters import it from here)
 
 
 @dataclass
@@ -31,34 +32,6 @@ class Stage4Input:
     @property
     def visual_tokens(self) -> int:
         return sum(e - s for s, e in self.visual_spans)
-
-
-@dataclass(frozen=True)
-class Workload:
-    """One benchmark shape: which model, what input, how many frames and new tokens."""
-
-    name: str
-    model: str
-    input_kind: str          # "events" | "video" | "image"
-    frames: int
-    new_tokens: int
-    questions: int = 1       # >1: several questions about one clip (prefix-reuse workloads)
-
-
-WORKLOADS = {w.name: w for w in [
-    Workload("eventgpt", "eventgpt", "events", 5, 45),
-    Workload("eventgpt-1frame", "eventgpt", "events", 1, 45),
-    Workload("eventgpt-10q", "eventgpt", "events", 5, 45, questions=10),
-    Workload("videollava", "videollava", "video", 8, 90),
-    Workload("videollava-image", "videollava", "image", 1, 90),
-    Workload("videollava-10q", "videollava", "video", 8, 90, questions=10),
-]}
-
-
-def get_workload(name: str) -> Workload:
-    if name not in WORKLOADS:
-        raise VloptError(f"unknown workload '{name}'; choose one of {sorted(WORKLOADS)}")
-    return WORKLOADS[name]
 
 
 class VLModel:

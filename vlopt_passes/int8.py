@@ -10,6 +10,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
+from vlopt.hookspecs import hookimpl
 from vlopt.passes import ModuleSelection
 
 
@@ -45,3 +46,8 @@ def apply(vlm, cfg: Config, ctx):
         return q
 
     return bnb_replace(vlm, cfg, make)
+
+
+@hookimpl
+def register_passes(register):
+    register(Config, apply)

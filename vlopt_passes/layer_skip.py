@@ -11,6 +11,7 @@ from typing import ClassVar, Literal
 from pydantic import Field
 
 from vlopt.errors import VloptError
+from vlopt.hookspecs import hookimpl
 from vlopt.passes import PassConfig, PassOutcome
 
 
@@ -35,3 +36,8 @@ def apply(vlm, cfg: Config, ctx) -> PassOutcome:
     return PassOutcome(touched=[f"{vlm.decoder_prefix}.layers[:{cfg.draft_layers}] (draft)"],
                        skipped=list(vlm.vision_modules), saved_as="sidecar",
                        notes=[f"self-speculative: {cfg.draft_layers}/{layers} layers draft {cfg.draft_tokens} tokens"])
+
+
+@hookimpl
+def register_passes(register):
+    register(Config, apply)

@@ -10,6 +10,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
+from vlopt.hookspecs import hookimpl
 from vlopt.passes import PassConfig, PassOutcome
 
 
@@ -35,3 +36,8 @@ def apply(vlm, cfg: Config, ctx) -> PassOutcome:
     return PassOutcome(touched=["stage-4 stopping"], saved_as="sidecar",
                        notes=[f"ends the answer at P(EOS) ≥ {cfg.eos_threshold} or after {cfg.max_sentences} "
                               "sentences (natural-length mode only; a fixed budget ignores it)"])
+
+
+@hookimpl
+def register_passes(register):
+    register(Config, apply)

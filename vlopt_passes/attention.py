@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 from vlopt.errors import VloptError
+from vlopt.hookspecs import hookimpl
 from vlopt.passes import PassConfig, PassOutcome
 
 
@@ -54,3 +55,8 @@ def _force_sdpa_flash(vlm) -> None:
                 return inner.score(vlm, inp, tokens)
 
     vlm.engine = FlashOnly()
+
+
+@hookimpl
+def register_passes(register):
+    register(Config, apply)

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-import torch
 from pydantic import Field
 
 from vlopt.errors import VloptError
+from vlopt.hookspecs import hookimpl
 from vlopt.passes import PassConfig, PassOutcome
 
 
@@ -33,40 +33,11 @@ class Config(PassConfig):
         return "sidecar"
 
 
-class RowParallelLinear(torch.nn.Module):
-    """The input-column shard of a Linear; partial products are summed across ranks."""
-
-    def __init__(self, linear: torch.nn.Linear, rank: int, size: int, group=None):
-        super().__init__()
-        cols = linear.in_features // size
-        self.weight = torch.nn.Parameter(linear.weight.data[:, rank * cols:(rank + 1) * cols].contiguous(),
-                                         requires_grad=False)
-        self.bias = linear.bias          # added once, after the sum
-        self.group = group
-
-    def forward(self, x):
-        # The functional all-reduce traces into fast_decode's compiled step (the in-place one breaks
-        # the graph); outside a compile it runs eagerly like any collective.
-        from torch.distributed import _functional_collectives as collectives
-        import torch.distributed as dist
-
-        out = collectives.all_reduce(torch.nn.functional.linear(x, self.weight), "sum",
-                                     self.group or dist.group.WORLD)
-        return out if self.bias is None else out + self.bias
-
-
-def _column_shard(linear: torch.nn.Linear, rank: int, size: int) -> None:
-    rows = linear.out_features // size
-    linear.weight = torch.nn.Parameter(linear.weight.data[rank * rows:(rank + 1) * rows].contiguous(),
-                                       requires_grad=False)
-    if linear.bias is not None:
-        linear.bias = torch.nn.Parameter(linear.bias.data[rank * rows:(rank + 1) * rows].contiguous(),
-                                         requires_grad=False)
-    linear.out_features = rows
-
-
 def apply(vlm, cfg: Config, ctx) -> PassOutcome:
+    import torch
     import torch.distributed as dist
+
+    from vlopt_passes._shards import RowParallelLinear, column_shard
 
     if not dist.is_available() or not dist.is_initialized():
         raise VloptError(f"tensor_parallel needs a torch.distributed launch: run vlopt under "
@@ -88,9 +59,9 @@ def apply(vlm, cfg: Config, ctx) -> PassOutcome:
     for i, layer in enumerate(vlm.text_model.layers):
         attn, mlp = layer.self_attn, layer.mlp
         for name in ("q_proj", "k_proj", "v_proj"):
-            _column_shard(getattr(attn, name), rank, cfg.size)
+            column_shard(getattr(attn, name), rank, cfg.size)
         for name in ("gate_proj", "up_proj"):
-            _column_shard(getattr(mlp, name), rank, cfg.size)
+            column_shard(getattr(mlp, name), rank, cfg.size)
         attn.o_proj = RowParallelLinear(attn.o_proj, rank, cfg.size)
         mlp.down_proj = RowParallelLinear(mlp.down_proj, rank, cfg.size)
         # The attention reshapes with -1 heads, so it follows the local head count by itself.
@@ -98,3 +69,8 @@ def apply(vlm, cfg: Config, ctx) -> PassOutcome:
     return PassOutcome(touched=touched, skipped=[*vlm.vision_modules, "lm_head"], saved_as="sidecar",
                        notes=[f"decoder sharded over {cfg.size} ranks (rank {rank}); vision and lm_head replicated"],
                        info={"rank": rank, "world_size": cfg.size})
+
+
+@hookimpl
+def register_passes(register):
+    register(Config, apply)

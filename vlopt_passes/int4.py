@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 from vlopt.errors import VloptError
+from vlopt.hookspecs import hookimpl
 from vlopt.passes import ModuleSelection
 
 
@@ -137,3 +138,8 @@ def _keep_plain_codes(module, original, group_size: int) -> bool:
     module.prefill_weight = Int4Codes.from_codes(codes, scale.squeeze(-1), zero.squeeze(-1), group_size,
                                                  shape=(rows, cols))
     return True
+
+
+@hookimpl
+def register_passes(register):
+    register(Config, apply)

@@ -22,6 +22,7 @@ from typing import ClassVar, Literal
 from pydantic import Field
 
 from vlopt.errors import VloptError
+from vlopt.hookspecs import hookimpl
 from vlopt.passes import PassConfig, PassOutcome
 
 
@@ -146,3 +147,8 @@ def apply(vlm, cfg: Config, ctx) -> PassOutcome:
                  f"{vlm.vision.fingerprint[:12]} took {time.perf_counter() - start:.2f} s")
     return PassOutcome(touched=list(vlm.vision_modules), saved_as="sidecar", notes=notes,
                        info={"cache_dir": str(vlm.vision.dir) if vlm.vision.dir else None})
+
+
+@hookimpl
+def register_passes(register):
+    register(Config, apply)

@@ -26,6 +26,7 @@ from typing import ClassVar, Literal
 from pydantic import Field
 
 from vlopt.errors import VloptError
+from vlopt.hookspecs import hookimpl
 from vlopt.passes import PassConfig, PassOutcome
 
 
@@ -206,3 +207,8 @@ def _apply_fastv(vlm, cfg: Config) -> PassOutcome:
                               f"last prompt token's attention at layer {cfg.after_layer - 1}; the stage-4 "
                               "engine_info.fastv gives rows and context before/after"],
                        info={"keep": cfg.keep, "after_layer": cfg.after_layer})
+
+
+@hookimpl
+def register_passes(register):
+    register(Config, apply)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
+from vlopt.hookspecs import hookimpl
 from vlopt.passes import PassConfig, PassOutcome
 
 
@@ -24,3 +25,8 @@ def apply(vlm, cfg: Config, ctx) -> PassOutcome:
         touched.append(name)
     return PassOutcome(touched=touched, skipped=list(vlm.vision_modules), saved_as="weights",
                        notes=[f"decoder cast to {cfg.dtype}; vision side left in {str(vlm.vision_dtype)[6:]}"])
+
+
+@hookimpl
+def register_passes(register):
+    register(Config, apply)

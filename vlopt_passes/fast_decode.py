@@ -11,6 +11,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
+from vlopt.hookspecs import hookimpl
 from vlopt.passes import PassConfig, PassOutcome
 
 
@@ -42,3 +43,8 @@ def apply(vlm, cfg: Config, ctx) -> PassOutcome:
                      "fast_decode's own attention calls, which use SDPA's default kernel choice")
     return PassOutcome(touched=[f"{vlm.decoder_prefix}.layers", "lm_head"], skipped=list(vlm.vision_modules),
                        saved_as="sidecar", notes=notes)
+
+
+@hookimpl
+def register_passes(register):
+    register(Config, apply)
