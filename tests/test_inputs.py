@@ -139,3 +139,56 @@ def test_bad_frame_inputs_are_explained(tmp_path):
         np.save(fh, np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(VloptError, match="pickle is refused"):
         load_frames(tmp_path / "p.npy")
+
+
+def _events(**change):
+    ev = {"x": np.array([1, 2, 3]), "y": np.array([0, 1, 2]), "p": np.array([0, 1, 1]), "t": np.array([0, 5, 9])}
+    return {**ev, **{k: np.array(v) for k, v in change.items()}}
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"x": [1, 34_500_000, 3]}, "ev.npz: x reaches 34500000, beyond the 4096×4096 sensors vlopt handles"),
+    ({"y": [0, 5000, 2]}, "ev.npz: y reaches 5000, beyond the 4096×4096"),
+    ({"x": [1, -2, 3]}, "negative pixel coordinates \\(x down to -2\\)"),
+    ({"x": [1.0, np.nan, 3.0]}, "x must be whole pixel indices"),
+    ({"y": [0.0, 0.5, 1.0]}, "y must be whole pixel indices"),
+    ({"x": ["a", "b", "c"]}, "array x holds <U1 values; it must hold numbers"),
+    ({"t": [0.0, np.nan, 9.0]}, "timestamps t hold NaN or infinite values"),
+    ({"t": [0.0, 1.0, np.inf]}, "timestamps t hold NaN or infinite values"),
+    ({"t": [-5, 0, 9]}, "timestamps t go down to -5; t must be non-negative"),
+    ({"t": [0, 10, 9]}, "not in time order \\(t\\[2\\] = 9 < t\\[1\\] = 10\\); sort all four arrays by t"),
+    ({"p": [0, 1, 2]}, "polarity"),
+])
+def test_out_of_range_coordinates_and_bad_timestamps_are_one_line_errors(tmp_path, change, message):
+    path = tmp_path / "ev.npz"
+    np.savez(path, **_events(**change))
+    with pytest.raises(VloptError, match=message) as info:
+        load_events(path)
+    assert str(info.value).startswith(str(path)) and "\n" not in str(info.value)
+
+
+def test_a_given_sensor_size_bounds_the_coordinates(tmp_path):
+    path = tmp_path / "ev.npz"
+    np.savez(path, **_events())
+    assert len(load_events(path, sensor_size=(4, 3))["x"]) == 3
+    with pytest.raises(VloptError, match="x reaches 3, outside the 3×3 sensor \\(x < 3\\)"):
+        load_events(path, sensor_size=(3, 3))
+    with pytest.raises(VloptError, match="sensor size 5000×10 is over the 4096×4096 limit"):
+        load_events(path, sensor_size=(5000, 10))
+    # The file may carry its sensor size as scalar arrays width and height.
+    np.savez(path, **_events(), width=np.array(3), height=np.array(3))
+    with pytest.raises(VloptError, match="outside the 3×3 sensor"):
+        load_events(path)
+    np.savez(path, **_events(), width=np.array(2.5), height=np.array(3))
+    with pytest.raises(VloptError, match="'width' must be one whole number"):
+        load_events(path)
+
+
+def test_valid_streams_still_load_and_render_at_their_size(tmp_path):
+    ev = synthetic_events(num_events=500)
+    loaded = load_events(save_events(tmp_path / "ev.npz", ev), sensor_size=(640, 480))
+    assert all(np.array_equal(loaded[k], ev[k]) for k in "xypt")
+    frames = render_frames(_events(t=[0.0, 0.5, 0.5]), 1)        # float times, equal ones allowed
+    assert frames[0].shape == (3, 4, 3)
+    with pytest.raises(VloptError, match="x reaches 9999"):   # rendering a stream built in code is bounded too
+        render_frames({"x": np.array([9999]), "y": np.array([0]), "p": np.array([1]), "t": np.array([0])}, 1)

@@ -3,6 +3,12 @@
 An event stream is four equal-length arrays: x, y (pixel), p (polarity 0/1) and t (microseconds).
 Rendering follows the original EventGPT code: N chunks of equal event count (the last takes the
 remainder), each drawn on a white image, p=1 red and p=0 blue, a later event overwriting an earlier one.
+
+Validation: x and y are whole, non-negative pixel indices inside the sensor. The sensor size is given
+(`sensor_size=(width, height)`, or scalar arrays `width` and `height` in the .npz), else inferred from
+the largest coordinate; either way at most MAX_SENSOR × MAX_SENSOR pixels, since every frame is drawn at
+that size. t is finite, non-negative and in time order: an unsorted stream is an error, not re-sorted,
+because the frames are chunks of consecutive events.
 """
 
 from __future__ import annotations
@@ -14,11 +20,14 @@ import numpy as np
 from vlopt.errors import VloptError
 
 FIELDS = ("x", "y", "p", "t")
+MAX_SENSOR = 4096          # pixels per side: a frame is drawn at the sensor size (4096² × 3 B = 48 MiB)
 
 
-def load_events(path: str | Path, *, allow_pickle: bool = False) -> dict[str, np.ndarray]:
-    """Read an event stream from `.npz` (arrays x, y, p, t), a structured `.npy` with those fields, or —
-    only with `allow_pickle=True`, because unpickling runs code — the original pickled-dict `.npy`."""
+def load_events(path: str | Path, *, allow_pickle: bool = False,
+                sensor_size: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+    """Read an event stream from `.npz` (arrays x, y, p, t; optional scalars width, height), a
+    structured `.npy` with those fields, or — only with `allow_pickle=True`, because unpickling runs
+    code — the original pickled-dict `.npy`."""
     path = Path(path)
     if not path.is_file():
         raise VloptError(f"event file {path} does not exist (give an .npz or .npy with arrays x, y, p, t)")
@@ -49,10 +58,34 @@ def load_events(path: str | Path, *, allow_pickle: bool = False) -> dict[str, np
             raise VloptError(f"{path} holds a pickled {type(arrays).__name__}, expected a dict of x, y, p, t")
     else:
         raise VloptError(f"{path} holds a plain {loaded.dtype} array {loaded.shape}; expected arrays x, y, p, t")
-    return validate_events(arrays, source=str(path))
+    if sensor_size is None and "width" in arrays and "height" in arrays:
+        sensor_size = (_scalar(arrays["width"], "width", str(path)), _scalar(arrays["height"], "height", str(path)))
+    return validate_events(arrays, source=str(path), sensor_size=sensor_size)
 
 
-def validate_events(arrays: dict, *, source: str = "event stream") -> dict[str, np.ndarray]:
+def _scalar(value, name: str, source: str) -> int:
+    value = np.asarray(value)
+    if value.size != 1 or value.dtype.kind not in "iu":
+        raise VloptError(f"{source}: '{name}' must be one whole number (the sensor's {name} in pixels)")
+    return int(value.reshape(-1)[0])
+
+
+def _check_sensor(width: int, height: int, source: str, given: bool) -> None:
+    """`given`: a sensor size the user gave; else the size the largest x and y imply."""
+    if width < 1 or height < 1:
+        raise VloptError(f"{source}: sensor size {width}×{height} must be at least 1×1")
+    if given and (width > MAX_SENSOR or height > MAX_SENSOR):
+        raise VloptError(f"{source}: sensor size {width}×{height} is over the {MAX_SENSOR}×{MAX_SENSOR} limit; "
+                         "give the sensor's real width and height in pixels")
+    for axis, size in (("x", width), ("y", height)):
+        if not given and size > MAX_SENSOR:
+            raise VloptError(f"{source}: {axis} reaches {size - 1}, beyond the {MAX_SENSOR}×{MAX_SENSOR} sensors vlopt "
+                             f"handles; x and y must be pixel indices from 0 (check the file's {axis} array)")
+
+
+def validate_events(arrays: dict, *, source: str = "event stream",
+                    sensor_size: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+    """Check an event stream (see the module docstring) and return its four arrays, flattened."""
     missing = [k for k in FIELDS if k not in arrays]
     if missing:
         raise VloptError(f"{source} lacks arrays {missing}; an event stream needs x, y, p, t")
@@ -62,10 +95,35 @@ def validate_events(arrays: dict, *, source: str = "event stream") -> dict[str, 
         raise VloptError(f"{source}: arrays x, y, p, t must have one length, got {lengths}")
     if lengths["x"] == 0:
         raise VloptError(f"{source} has no events")
-    if (ev["x"] < 0).any() or (ev["y"] < 0).any():
-        raise VloptError(f"{source} has negative pixel coordinates")
+    for k in FIELDS:
+        if ev[k].dtype.kind not in "biuf":
+            raise VloptError(f"{source}: array {k} holds {ev[k].dtype} values; it must hold numbers")
+    for k in ("x", "y"):
+        v = ev[k]
+        if v.dtype.kind == "f" and not (np.isfinite(v).all() and (v == np.round(v)).all()):
+            raise VloptError(f"{source}: {k} must be whole pixel indices; it holds NaN, infinite or fractional values")
+        if v.min() < 0:
+            raise VloptError(f"{source} has negative pixel coordinates ({k} down to {v.min()}); x and y count from 0")
+    if sensor_size is not None:
+        width, height = (int(n) for n in sensor_size)
+        _check_sensor(width, height, source, given=True)
+        for k, size in (("x", width), ("y", height)):
+            if ev[k].max() >= size:
+                raise VloptError(f"{source}: {k} reaches {ev[k].max()}, outside the {width}×{height} sensor "
+                                 f"({k} < {size}); fix the coordinates or the sensor size")
+    else:
+        _check_sensor(int(ev["x"].max()) + 1, int(ev["y"].max()) + 1, source, given=False)
     if not np.isin(ev["p"], (0, 1)).all():
         raise VloptError(f"{source}: polarity p must be 0 or 1")
+    t = ev["t"]
+    if not np.isfinite(t).all():
+        raise VloptError(f"{source}: timestamps t hold NaN or infinite values; t must be finite microseconds")
+    if t.min() < 0:
+        raise VloptError(f"{source}: timestamps t go down to {t.min()}; t must be non-negative microseconds")
+    if (np.diff(t) < 0).any():
+        first = int(np.argmax(np.diff(t) < 0)) + 1
+        raise VloptError(f"{source}: events are not in time order (t[{first}] = {t[first]} < t[{first - 1}] = "
+                         f"{t[first - 1]}); sort all four arrays by t, e.g. with np.argsort(t, kind='stable')")
     return ev
 
 
@@ -103,6 +161,7 @@ def render_frames(ev: dict[str, np.ndarray], num_frames: int = 5) -> list[np.nda
     if n < num_frames:
         raise VloptError(f"the event stream has {n} events, fewer than the {num_frames} frames asked for")
     height, width = int(ev["y"].max()) + 1, int(ev["x"].max()) + 1
+    _check_sensor(width, height, "event stream", given=False)
     per = n // num_frames
     frames = []
     for i in range(num_frames):
