@@ -68,3 +68,55 @@ def write_legacy_videollava(vlm, folder: Path) -> Path:
     (folder / "config.json").write_text(json.dumps(cfg))
     vlm.tokenizer.save_pretrained(str(folder))
     return folder
+
+
+def llama_sentencepiece_model() -> bytes:
+    """A small SentencePiece BPE model with LLaMA's settings (unk 0, bos 1, eos 2, byte fallback,
+    dummy prefix, digits split), trained on the prompts: the kind of `tokenizer.model` a LLaMA
+    release ships."""
+    import io
+
+    import sentencepiece as spm
+
+    from vlopt.models.tokenizer import _CORPUS
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_CORPUS * 4), model_writer=buf, vocab_size=400, model_type="bpe",
+        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0,
+        add_dummy_prefix=True, remove_extra_whitespaces=False, normalization_rule_name="identity",
+        split_digits=True, allow_whitespace_only_pieces=True, minloglevel=2)
+    return buf.getvalue()
+
+
+def _added_token(content: str) -> dict:
+    return {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+            "special": True}
+
+
+def write_slow_llama_tokenizer(folder: Path, *, legacy: bool, added: tuple[str, ...] = (),
+                               pad: str | None = None) -> dict[str, int]:
+    """The slow-tokenizer files a LLaMA-based hub release ships (`tokenizer.model`,
+    `tokenizer_config.json` in the transformers-4.x form, `special_tokens_map.json`, `added_tokens.json`;
+    no tokenizer.json), replacing any tokenizer files in `folder`. Returns the added tokens' ids."""
+    folder = Path(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                 "tokenizer.model", "chat_template.jinja"):
+        (folder / name).unlink(missing_ok=True)
+    model = llama_sentencepiece_model()
+    (folder / "tokenizer.model").write_bytes(model)
+    import sentencepiece as spm
+    size = spm.SentencePieceProcessor(model_proto=model).get_piece_size()
+    ids = {tok: size + i for i, tok in enumerate(added)}
+    decoder = {str(i): _added_token(t) for i, t in enumerate(["<unk>", "<s>", "</s>"])}
+    decoder.update({str(i): _added_token(t) for t, i in ids.items()})
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "add_bos_token": True, "add_eos_token": False, "added_tokens_decoder": decoder, "bos_token": "<s>",
+        "clean_up_tokenization_spaces": False, "eos_token": "</s>", "legacy": legacy,
+        "model_max_length": 4096, "pad_token": pad, "padding_side": "right", "sp_model_kwargs": {},
+        "tokenizer_class": "LlamaTokenizer", "unk_token": "<unk>", "use_default_system_prompt": False}))
+    (folder / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", **({"pad_token": pad} if pad else {})}))
+    if ids:
+        (folder / "added_tokens.json").write_text(json.dumps(ids))
+    return ids

@@ -1,9 +1,10 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 
-from layouts import write_legacy_videollava, write_original_eventgpt
+from layouts import write_legacy_videollava, write_original_eventgpt, write_slow_llama_tokenizer
 from vlopt.decode import teacher_forced_logits
 from vlopt.errors import VloptError
 from vlopt.models import get_workload, load_model
@@ -47,7 +48,7 @@ def test_folders_that_are_not_checkpoints_are_explained(tmp_path):
     with pytest.raises(VloptError, match="not a checkpoint folder"):
         load_model(path=str(tmp_path), device="cpu")
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    with pytest.raises(VloptError, match="'bert' is neither of the known layouts"):
+    with pytest.raises(VloptError, match="'bert' is none of the known layouts"):
         load_model(path=str(tmp_path), device="cpu")
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(VloptError, match="not valid JSON"):
@@ -62,3 +63,54 @@ def test_eventgpt_checkpoint_with_wrong_weights_is_explained(eventgpt, tmp_path)
     save_file(state, str(folder / "model.safetensors"))
     with pytest.raises(VloptError, match="missing \\['model.norm.weight'\\]"):
         load_model(path=str(folder), device="cpu")
+
+
+def _videollava_processor(tokenizer, image_size, monkeypatch):
+    """transformers' VideoLlavaProcessor with its PIL image processor. Its video processor needs
+    torchvision, so video frames go through the image processor one by one, as transformers 4.x's
+    VideoLlavaImageProcessor did; the processor's own token expansion and tokenization run unchanged."""
+    from transformers import BatchFeature, VideoLlavaImageProcessor, VideoLlavaProcessor
+    from transformers.processing_utils import ProcessorMixin
+
+    images = VideoLlavaImageProcessor(size={"shortest_edge": image_size},
+                                      crop_size={"height": image_size, "width": image_size})
+
+    class FramesThroughTheImageProcessor:
+        def __call__(self, videos, **kwargs):
+            return BatchFeature({"pixel_values_videos": np.stack([
+                images(images=list(v), return_tensors="np", return_legacy_image_output=False)["pixel_values"]
+                for v in videos])})
+
+    check = ProcessorMixin.check_argument_for_proper_class
+    monkeypatch.setattr(ProcessorMixin, "check_argument_for_proper_class",
+                        lambda self, name, arg: None if name == "video_processor" else check(self, name, arg))
+    return VideoLlavaProcessor(image_processor=images, video_processor=FramesThroughTheImageProcessor(),
+                               tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default",
+                               num_additional_image_tokens=1)
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_videollava_prompt_ids_and_pixels_equal_the_hf_processor(videollava, tmp_path, monkeypatch, legacy):
+    from vlopt.frames import synthetic_video
+    from vlopt.models import get_workload
+
+    folder = write_legacy_videollava(videollava, tmp_path / "Video-LLaVA-7B-hf")
+    ids = write_slow_llama_tokenizer(folder, legacy=legacy, added=("<image>", "<video>", "<pad>"), pad="<pad>")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(image_token_index=ids["<image>"], video_token_index=ids["<video>"], pad_token_id=ids["<pad>"])
+    (folder / "config.json").write_text(json.dumps(cfg))
+    loaded = load_model(path=str(folder), device="cpu")
+    assert type(loaded.tokenizer).__name__ == "LlamaTokenizer" and loaded.tokenizer.legacy is legacy
+    processor = _videollava_processor(loaded.tokenizer, loaded.image_size, monkeypatch)
+    video = list(synthetic_video(num_frames=8))
+    question = "What are the key elements in this scene?"
+    for kind, inputs in [("video", {"videos": [video]}), ("image", {"images": [video[0]]})]:
+        wl = get_workload("videollava" if kind == "video" else "videollava-image")
+        prepared = loaded.preprocess(video, question, wl)
+        theirs = processor(text=f"USER: <{kind}>\n{question}\nASSISTANT:", return_tensors="pt", **inputs)
+        assert prepared["input_ids"] == theirs["input_ids"][0].tolist(), f"{kind}, legacy={legacy}"
+        pixels = theirs["pixel_values_videos"][0] if kind == "video" else theirs["pixel_values_images"]
+        assert torch.equal(prepared["pixels"], pixels.float())
+    # The flag changes the ids (a leading-space piece after the placeholder only with legacy=True).
+    after = prepared["input_ids"][len(prepared["input_ids"]) - prepared["input_ids"][::-1].index(ids["<image>"])]
+    assert loaded.tokenizer.convert_ids_to_tokens(after) == ("▁" if legacy else "<0x0A>")

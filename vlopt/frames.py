@@ -1,7 +1,10 @@
-"""Frames and images for Video-LLaVA (stage 1) and CLIP preprocessing for both models (stage 2).
+"""Frames and images for Video-LLaVA and LLaVA (stage 1) and CLIP preprocessing for every model
+(stage 2).
 
-CLIP preprocessing is done here with PIL and numpy — the transformers video processors need
-torchvision, which does not import beside the CPU torch."""
+CLIP preprocessing is done here with PIL and numpy and equals transformers' PIL image processors
+(`CLIPImageProcessorPil`, `VideoLlavaImageProcessor`) exactly; transformers' torchvision processors
+and its video processors need torchvision, which does not import beside the CPU torch. Video files
+are decoded with PyAV."""
 
 from __future__ import annotations
 
@@ -14,10 +17,21 @@ from vlopt.errors import VloptError
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm")
+
+
+def resized_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """(width, height) after resizing the short side to `size`. The long side is truncated, not
+    rounded, with transformers' own float expression (`get_resize_output_image_size`): 4:3 at 224
+    gives 298 columns, not 299."""
+    short, long = (width, height) if width <= height else (height, width)
+    new_long = int(size * long / short)
+    return (size, new_long) if width <= height else (new_long, size)
 
 
 def clip_preprocess(images: list[np.ndarray], size: int):
-    """Resize the shortest side to `size` (bicubic), center-crop `size`², scale to [0,1], normalize.
+    """Resize the short side to `size` (PIL bicubic), center-crop `size`², rescale by 1/255 (in
+    float64, then float32, as transformers does), normalize with CLIP's mean and std in float32.
     Returns a float32 tensor [T, 3, size, size]."""
     import torch
     from PIL import Image
@@ -25,14 +39,13 @@ def clip_preprocess(images: list[np.ndarray], size: int):
     out = []
     for img in images:
         pil = Image.fromarray(np.ascontiguousarray(img)).convert("RGB")
-        w, h = pil.size
-        scale = size / min(w, h)
-        pil = pil.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
-        w, h = pil.size
+        w, h = resized_size(*pil.size, size)
+        pil = pil.resize((w, h), Image.BICUBIC)
         left, top = (w - size) // 2, (h - size) // 2
-        arr = np.asarray(pil.crop((left, top, left + size, top + size)), dtype=np.float32) / 255.0
-        out.append(((arr - CLIP_MEAN) / CLIP_STD).transpose(2, 0, 1))
-    return torch.from_numpy(np.stack(out))
+        arr = np.asarray(pil.crop((left, top, left + size, top + size)))
+        scaled = (arr.astype(np.float64) * (1 / 255)).astype(np.float32)
+        out.append(((scaled - CLIP_MEAN) / CLIP_STD).transpose(2, 0, 1))
+    return torch.from_numpy(np.ascontiguousarray(np.stack(out)))
 
 
 def _read_image(path: Path) -> np.ndarray:
@@ -45,22 +58,31 @@ def _read_image(path: Path) -> np.ndarray:
         raise VloptError(f"{path} is not a readable image: {err}") from None
 
 
-def load_frames(path: str | Path) -> list[np.ndarray]:
-    """All frames of a video given as a folder of images (sorted by name) or an array file
-    (.npy/.npz, uint8 [T, H, W, 3]; pickle refused), or one image file (one frame)."""
+def load_frames(path: str | Path, num_frames: int | None = None) -> list[np.ndarray]:
+    """The frames of a video given as a video file (.mp4, …, decoded with PyAV), a folder of images
+    (sorted by name) or an array file (.npy/.npz, uint8 [T, H, W, 3]; pickle refused), or one image
+    file (one frame). With `num_frames`, only those frames, picked by `sample_uniform`'s rule."""
     path = Path(path)
+    if path.is_file() and path.suffix.lower() in VIDEO_SUFFIXES:
+        return read_video(path, num_frames)
+    frames = _read_frames(path)
+    return frames if num_frames is None else sample_uniform(frames, num_frames)
+
+
+def _read_frames(path: Path) -> list[np.ndarray]:
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise VloptError(f"folder {path} holds no {'/'.join(IMAGE_SUFFIXES)} frames")
         return [_read_image(p) for p in files]
     if not path.is_file():
-        raise VloptError(f"video input {path} does not exist (give a folder of frames, an .npy/.npz "
-                         "array [T,H,W,3] or an image)")
+        raise VloptError(f"video input {path} does not exist (give a video file ({'/'.join(VIDEO_SUFFIXES)}), "
+                         "a folder of frames, an .npy/.npz array [T,H,W,3] or an image)")
     if path.suffix.lower() in IMAGE_SUFFIXES:
         return [_read_image(path)]
     if path.suffix not in (".npy", ".npz"):
-        raise VloptError(f"video input {path}: expected a folder, .npy/.npz or an image, not '{path.suffix}'")
+        raise VloptError(f"video input {path}: expected a video file ({'/'.join(VIDEO_SUFFIXES)}), a folder, "
+                         f".npy/.npz or an image, not '{path.suffix}'")
     try:
         arr = np.load(path, allow_pickle=False)
         if isinstance(arr, np.lib.npyio.NpzFile):
@@ -76,12 +98,79 @@ def load_frames(path: str | Path) -> list[np.ndarray]:
     return [np.asarray(f, dtype=np.uint8) for f in arr]
 
 
-def sample_uniform(frames: list[np.ndarray], n: int) -> list[np.ndarray]:
-    """`n` frames spread uniformly (np.linspace, as the original evaluation sampled)."""
-    if len(frames) < 1:
+def uniform_indices(total: int, n: int) -> list[int]:
+    """`n` indices spread over `total` frames the way the original Video-LLaVA picks them
+    (`np.linspace(0, total - 1, n, dtype=int)`: truncated, first and last frame included). A clip
+    shorter than `n` frames (but longer than one) repeats frames, as the original does."""
+    if total < 1:
         raise VloptError("the video has no frames")
-    idx = np.linspace(0, len(frames) - 1, n).round().astype(int)
-    return [frames[i] for i in idx]
+    if total == 1 and n > 1:
+        # One picture is not a video: repeating it would time a shape that shows nothing moving.
+        raise VloptError(f"a single image cannot be sampled into {n} video frames; give a video (a video file, "
+                         "a folder of frames or an array [T, H, W, 3]) or use an image workload")
+    return np.linspace(0, total - 1, n, dtype=int).tolist()
+
+
+def sample_uniform(frames: list[np.ndarray], n: int) -> list[np.ndarray]:
+    """`n` frames spread uniformly (`uniform_indices`)."""
+    return [frames[i] for i in uniform_indices(len(frames), n)]
+
+
+def read_video(path: str | Path, num_frames: int | None = None) -> list[np.ndarray]:
+    """Decode a video file's first video stream into RGB frames with PyAV; with `num_frames`, keep
+    only the frames `uniform_indices` picks (the others are decoded but not converted)."""
+    path = Path(path)
+    total = _count_frames(path)
+    wanted = list(range(total)) if num_frames is None else uniform_indices(total, num_frames)
+    kept = _decode(path, set(wanted))
+    if len(kept) < len(set(wanted)):   # the container's frame count was too high: count by decoding
+        total = _count_frames(path, trust_header=False)
+        wanted = list(range(total)) if num_frames is None else uniform_indices(total, num_frames)
+        kept = _decode(path, set(wanted))
+    return [kept[i] for i in wanted]
+
+
+def _open_video(path: Path):
+    import av
+
+    try:
+        container = av.open(str(path))
+    except (av.FFmpegError, OSError) as err:
+        raise VloptError(f"{path} is not a readable video file: {err}") from None
+    if not container.streams.video:
+        container.close()
+        raise VloptError(f"{path} holds no video stream")
+    return container
+
+
+def _count_frames(path: Path, trust_header: bool = True) -> int:
+    import av
+
+    with _open_video(path) as container:
+        stream = container.streams.video[0]
+        if trust_header and stream.frames:
+            return int(stream.frames)
+        try:
+            return sum(1 for _ in container.decode(stream))
+        except av.FFmpegError as err:
+            raise VloptError(f"{path}: decoding failed: {err}") from None
+
+
+def _decode(path: Path, wanted: set[int]) -> dict[int, np.ndarray]:
+    import av
+
+    kept = {}
+    last = max(wanted, default=-1)
+    with _open_video(path) as container:
+        try:
+            for i, frame in enumerate(container.decode(container.streams.video[0])):
+                if i in wanted:
+                    kept[i] = frame.to_ndarray(format="rgb24")
+                if i >= last:
+                    break
+        except av.FFmpegError as err:
+            raise VloptError(f"{path}: decoding failed: {err}") from None
+    return kept
 
 
 def synthetic_video(*, num_frames: int = 16, height: int = 240, width: int = 320, seed: int = 0) -> np.ndarray:

@@ -85,8 +85,10 @@ class VideoLLaVA(VLModel):
 
         if workload.input_kind not in ("video", "image"):
             raise VloptError(f"Video-LLaVA takes video or image input, not the workload '{workload.name}'")
-        frames = list(synthetic_video()) if path is None else load_frames(path)
-        return frames[:1] if workload.input_kind == "image" else frames
+        wanted = 1 if workload.input_kind == "image" else workload.frames
+        if path is None:
+            return list(synthetic_video())[:1] if wanted == 1 else list(synthetic_video())
+        return load_frames(path, num_frames=wanted)   # an image workload takes the first frame
 
     def preprocess(self, raw, question: str, workload: Workload) -> dict:
         from vlopt.frames import clip_preprocess, sample_uniform
@@ -104,12 +106,9 @@ class VideoLLaVA(VLModel):
     def prompt_ids(self, kind: str, question: str, frames: int, rows: int | None = None) -> list[int]:
         """Prompt ids with the placeholder expanded to one id per visual row (`rows` when pruned)."""
         cfg = self.hf.config
-        placeholder = "<image>" if kind == "image" else "<video>"
         token_id = cfg.image_token_index if kind == "image" else cfg.video_token_index
-        before, after = PROMPT[kind].format(question=question).split(placeholder)
         rows = self.visual_rows(kind, frames) if rows is None else rows
-        return (self.tokenizer(before).input_ids + [token_id] * rows
-                + self.tokenizer(after, add_special_tokens=False).input_ids)
+        return expand_placeholder(self.tokenizer, PROMPT[kind].format(question=question), token_id, rows)
 
     @torch.no_grad()
     def features(self, prepared: dict) -> torch.Tensor:
@@ -152,6 +151,19 @@ class VideoLLaVA(VLModel):
         start = ids.index(token_id)
         mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=self.device)
         return Stage4Input(embeds, mask, [(start, start + feats.shape[0])])
+
+
+def expand_placeholder(tokenizer, prompt: str, token_id: int, rows: int) -> list[int]:
+    """The HF processors' ids: the whole prompt tokenized at once, then the placeholder token repeated
+    once per visual row. Tokenizing the text after the placeholder on its own would give it a
+    leading-space piece, which a LLaMA tokenizer with `legacy=False` does not put after a special token."""
+    ids = tokenizer(prompt).input_ids
+    if ids.count(token_id) != 1:
+        name = tokenizer.convert_ids_to_tokens(token_id)
+        raise VloptError(f"the tokenizer splits the placeholder {name!r} (id {token_id}) of the prompt {prompt!r}; "
+                         "it must be one added token of the tokenizer (added_tokens in tokenizer_config.json)")
+    pos = ids.index(token_id)
+    return ids[:pos] + [token_id] * rows + ids[pos + 1:]
 
 
 def build(preset: str, *, dtype: torch.dtype, device: str, meta: bool = False) -> VideoLLaVA:
