@@ -1,26 +1,48 @@
-"""Recipes: YAML read with a safe loader, validated strictly; every error names the key and its line."""
+"""Recipes: YAML read with a safe loader, validated strictly; every error names the key and its line.
+
+`load_recipe` checks everything the recipe and the plugin registry alone can tell, without building
+a model: the YAML (size, nesting, duplicate keys), every key and value (strict types: a quoted "3"
+is not a number, 1 is not true), the model family and its preset, the workload and whether it is that
+model's, the checkpoint folder and input file named, and every pass config. `vlopt apply --dry-run`
+and a real run both start with it. Checks that need the pass and engine contracts (a pass against the
+device or the model's widths) come after it, from the manager.
+"""
 
 from __future__ import annotations
 
+import json
+import reprlib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vlopt.errors import VloptError
 
 MAX_NEW_TOKENS = 4096     # the token budget's cap, here and in `vlopt bench --new-tokens`
+MAX_VALUES = 20_000       # values in one recipe, counting every use of a YAML anchor (a recipe has ~50)
+MAX_ERRORS = 5            # validation problems listed in one message
+
+_STRICT = ConfigDict(extra="forbid", strict=True)
+
+
+def _a_path(value: str | None) -> str | None:
+    if value is not None and (not value.strip() or "\x00" in value):
+        raise ValueError("must be a non-empty path without NUL characters")
+    return value
 
 
 class ModelSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
 
-    name: str | None = None           # eventgpt | videollava (or a plugin's model)
-    preset: Literal["tiny", "7b"] = "tiny"
+    name: str | None = None           # a registered model family: eventgpt | videollava | a plugin's
+    preset: str = "tiny"              # one of the family's presets (tiny | 7b for the built-in ones)
     path: str | None = None           # a local checkpoint folder instead of name + preset
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     allow_pickle: bool = False
+
+    check_path = field_validator("path")(_a_path)
 
     @model_validator(mode="after")
     def _name_or_path(self):
@@ -30,7 +52,7 @@ class ModelSpec(BaseModel):
 
 
 class BenchmarkSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
 
     workload: str | None = None       # default: the model's own
     samples: int = Field(3, ge=1, le=1000)
@@ -40,14 +62,18 @@ class BenchmarkSpec(BaseModel):
     input: str | None = None          # event file / frames folder; default: the synthetic demo input
     fidelity_tokens: int | None = Field(None, ge=2, le=MAX_NEW_TOKENS)
 
+    check_input = field_validator("input")(_a_path)
+
 
 class Recipe(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
 
     model: ModelSpec
     benchmark: BenchmarkSpec = BenchmarkSpec()
     passes: list[Any] = []            # validated against the registered pass configs
     output: str | None = None
+
+    check_output = field_validator("output")(_a_path)
 
 
 def _load_yaml(path: Path):
@@ -66,17 +92,63 @@ def _load_yaml(path: Path):
         raise VloptError(f"recipe {path} is not UTF-8 text") from None
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
+        _check_shape(path, node)
         data = yaml.load(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise VloptError(f"recipe {path} is not valid YAML{where}: {getattr(err, 'problem', err)}") from None
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise VloptError(f"recipe {path} is not valid YAML{where}: {problem}") from None
+    except RecursionError:
+        raise VloptError(f"recipe {path} is nested too deeply to be a recipe") from None
+    except ValueError as err:      # e.g. an integer of more than 4300 digits, a date like 2024-13-45
+        what = "an integer too long to read" if "digits" in str(err) else f"a value YAML cannot read ({err})"
+        raise VloptError(f"recipe {path} holds {_show(what, quote=False)}") from None
     if data is None:
         raise VloptError(f"recipe {path} is empty; it needs at least `model:`")
     if not isinstance(data, dict):
         raise VloptError(f"recipe {path} must be a mapping with keys model, benchmark, passes, output; "
                          f"got a {type(data).__name__}")
     return data, node
+
+
+def _check_shape(path: Path, root) -> None:
+    """Refuse a repeated key in one mapping (YAML would keep the last silently) and a recipe of more
+    than MAX_VALUES values once anchors are expanded (self-referencing anchors never end)."""
+    import yaml
+
+    stack, count = [root] if root is not None else [], 0
+    while stack:
+        node = stack.pop()
+        count += 1
+        if count > MAX_VALUES:
+            raise VloptError(f"recipe {path} has more than {MAX_VALUES} values (counting every use of an "
+                             "anchor, or an anchor that refers to itself); a recipe is a short list of settings")
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode) and key.value != "<<":
+                    if key.value in seen:
+                        raise VloptError(f"recipe {path}: key '{_show(key.value, quote=False)}' appears twice in one "
+                                         f"mapping (lines {seen[key.value]} and {key.start_mark.line + 1}); keep one")
+                    seen[key.value] = key.start_mark.line + 1
+                stack += [key, value]
+        elif isinstance(node, yaml.SequenceNode):
+            stack += node.value
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring, _REPR.maxother, _REPR.maxlong, _REPR.maxlevel = 60, 60, 40, 3
+_REPR.maxlist = _REPR.maxdict = _REPR.maxset = _REPR.maxtuple = 5
+
+
+def _show(value, quote: bool = True) -> str:
+    """A value for a one-line message: short, control characters escaped."""
+    try:
+        text = _REPR.repr(value) if quote or not isinstance(value, str) else _REPR.repr(value)[1:-1]
+    except ValueError:          # an int too long for str()
+        text = "(a number too long to show)"
+    return text.replace("\n", "\\n")
 
 
 def _line_of(node, loc: tuple) -> int | None:
@@ -87,7 +159,7 @@ def _line_of(node, loc: tuple) -> int | None:
     for part in loc:
         if isinstance(node, yaml.MappingNode):
             for key, value in node.value:
-                if key.value == part:
+                if isinstance(key, yaml.ScalarNode) and key.value == part:
                     line, node = key.start_mark.line + 1, value
                     break
             else:
@@ -102,10 +174,11 @@ def _line_of(node, loc: tuple) -> int | None:
 
 def _explain(err: ValidationError, node, prefix: tuple = (), allowed: dict | None = None) -> str:
     lines = []
-    for e in err.errors():
+    errors = err.errors()
+    for e in errors[:MAX_ERRORS]:
         loc = prefix + tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-        # Escape control characters so a key like "\n" cannot break the one-line message.
-        key = ".".join(str(p) for p in loc).encode("unicode_escape").decode("ascii") or "(top level)"
+        # _show escapes control characters, so a key like "\n" cannot break the one-line message.
+        key = ".".join(_show(p, quote=False) for p in loc) or "(top level)"
         line = _line_of(node, loc)
         where = f" (line {line})" if line else ""
         if e["type"] == "extra_forbidden":
@@ -116,13 +189,17 @@ def _explain(err: ValidationError, node, prefix: tuple = (), allowed: dict | Non
         elif e["type"] == "missing":
             lines.append(f"missing key '{key}'{where}")
         else:
-            lines.append(f"'{key}'{where}: {e['msg']}" + (f" (got {e['input']!r})" if "input" in e and
-                                                          not isinstance(e["input"], dict) else ""))
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"'{key}'{where}: {msg}" + (f" (got {_show(e['input'])})" if "input" in e and
+                                                     not isinstance(e["input"], dict) else ""))
+    if len(errors) > MAX_ERRORS:
+        lines.append(f"and {len(errors) - MAX_ERRORS} more")
     return "; ".join(lines)
 
 
 def load_recipe(path: str | Path, registry=None) -> tuple[Recipe, list]:
-    """Read and validate a recipe. Returns the recipe and the list of validated pass configs."""
+    """Read and validate a recipe (see the module docstring). Returns the recipe and the list of
+    validated pass configs; any problem is a one-line VloptError naming the key and its line."""
     from vlopt.plugins import get_registry
 
     path = Path(path)
@@ -134,24 +211,77 @@ def load_recipe(path: str | Path, registry=None) -> tuple[Recipe, list]:
     except ValidationError as err:
         raise VloptError(f"recipe {path}: {_explain(err, node, allowed=allowed)}") from None
     registry = registry or get_registry()
+    _check_references(path, recipe, node, registry)
+    known = f"known types: {', '.join(sorted(registry.passes))}{registry.broken_note()}"
     configs = []
     for i, entry in enumerate(recipe.passes):
         loc = ("passes", i)
         line = _line_of(node, loc)
         if not isinstance(entry, dict) or "type" not in entry:
-            raise VloptError(f"recipe {path}: passes[{i}] (line {line}) must be a mapping with a `type` key; "
-                             f"known types: {', '.join(sorted(registry.passes))}")
-        if entry["type"] not in registry.passes:
-            raise VloptError(f"recipe {path}: passes[{i}] (line {line}): unknown pass type {entry['type']!r}; "
-                             f"known types: {', '.join(sorted(registry.passes))}{registry.broken_note()}")
-        cls = registry.passes[entry["type"]].config
+            raise VloptError(f"recipe {path}: passes[{i}] (line {line}) must be a mapping with a `type` key; {known}")
+        kind = entry["type"]
+        if not isinstance(kind, str):
+            raise VloptError(f"recipe {path}: passes[{i}] (line {line}): `type` must be a pass name (a string), "
+                             f"got {_show(kind)}; {known}")
+        if kind not in registry.passes:
+            raise VloptError(f"recipe {path}: passes[{i}] (line {line}): unknown pass type {_show(kind)}; {known}")
+        cls = registry.passes[kind].config
         try:
-            configs.append(cls.model_validate(entry))
+            configs.append(cls.model_validate(entry, strict=True))
         except ValidationError as err:
             allowed[loc] = list(cls.model_fields)
             raise VloptError(f"recipe {path}: {_explain(err, node, prefix=loc, allowed=allowed)}") from None
     _check_conflicts(path, configs, registry)
     return recipe, configs
+
+
+def _check_references(path: Path, recipe: Recipe, node, registry) -> None:
+    """The names and files a recipe refers to exist: model family and preset (or checkpoint folder),
+    workload (and it is that model's), input. Relative paths are relative to the recipe's folder,
+    as the run reads them."""
+    def fail(loc: tuple, message: str):
+        raise VloptError(f"recipe {path}: '{'.'.join(loc)}' (line {_line_of(node, loc)}): {message}")
+
+    spec, base = recipe.model, path.parent
+    families = registry.models
+    family = None
+    if spec.name is not None:
+        family = families.get(spec.name)
+        if family is None:
+            fail(("model", "name"), f"unknown model {_show(spec.name)}; choose one of {', '.join(sorted(families))} "
+                                    f"or give model.path{registry.broken_note()}")
+        if spec.preset not in family.presets:
+            fail(("model", "preset"), f"unknown preset {_show(spec.preset)} for {spec.name}; "
+                                      f"choose one of {', '.join(family.presets)}")
+    else:
+        folder = base / spec.path
+        config_file = folder / "config.json"
+        if not config_file.is_file():
+            fail(("model", "path"), f"{folder} is not a checkpoint folder (no config.json); give a folder "
+                                    "written by `vlopt apply` or save_pretrained, or a release layout")
+        try:
+            config = json.loads(config_file.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            fail(("model", "path"), f"{config_file} is not readable JSON: {_show(str(err), quote=False)}")
+        matches = [f for f in families.values() if isinstance(config, dict) and f.recognizes(config)]
+        if not matches:
+            model_type = config.get("model_type") if isinstance(config, dict) else None
+            fail(("model", "path"), f"{config_file}: model_type {_show(model_type)} is none of the known "
+                                    f"models ({', '.join(sorted(families))})")
+        family = matches[0]
+    workload = recipe.benchmark.workload
+    if workload is not None:
+        workloads = registry.workloads
+        if workload not in workloads:
+            fail(("benchmark", "workload"), f"unknown workload {_show(workload)}; choose one of "
+                                            f"{', '.join(sorted(workloads))}")
+        if workloads[workload].model != family.name:
+            mine = [w.name for w in family.workloads]
+            fail(("benchmark", "workload"), f"workload '{workload}' is for {workloads[workload].model}, not "
+                                            f"{family.name}" + (f"; choose one of {', '.join(mine)}" if mine else ""))
+    if recipe.benchmark.input is not None and not (base / recipe.benchmark.input).exists():
+        fail(("benchmark", "input"), f"{base / recipe.benchmark.input} does not exist; give an event file, "
+                                     "a frames folder, a video or an image")
 
 
 def _check_conflicts(path: Path, configs: list, registry) -> None:
