@@ -6,10 +6,15 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 
-def write_original_eventgpt(vlm, folder: Path, *, tower: str = "inside", extra_row: bool = True) -> Path:
+def write_original_eventgpt(vlm, folder: Path, *, tower: str = "inside", extra_row: bool = True,
+                            clip: str = "vision", tokenizer: str = "fast") -> Path:
     """The original EventGPT release layout: model_type EventChat_llama, CLIP under
     `model.visual_tower.visual_tower.vision_model.` (tower="inside") or in a separate local CLIP
-    folder named by `mm_visual_tower` (tower="folder"). `extra_row` adds the `<ev_patch>` row."""
+    folder named by `mm_visual_tower` (tower="folder"). `extra_row` adds the `<ev_patch>` row.
+    `clip` says how that CLIP folder is written: "vision" (a CLIPVisionModel, `vision_model.*`
+    keys), "hub" (a full CLIPModel as `openai/clip-vit-large-patch14-336` is, written by transformers'
+    save_pretrained) or "hub-bin" (that folder's transformers-4.x `pytorch_model.bin`, position-id
+    buffers included). `tokenizer="slow"` ships only the slow LLaMA tokenizer files."""
     import torch
 
     folder = Path(folder)
@@ -26,8 +31,11 @@ def write_original_eventgpt(vlm, folder: Path, *, tower: str = "inside", extra_r
     state = {k: v for k, v in state.items() if not k.startswith("model.visual_tower.")}
     if tower == "inside":
         state.update({"model.visual_tower.visual_tower.vision_model." + k: v for k, v in tower_state.items()})
-    save_file({"vision_model." + k: v for k, v in tower_state.items()}, str(clip_dir / "model.safetensors"))
-    (clip_dir / "config.json").write_text(json.dumps({"model_type": "clip_vision_model", **cfg.vision_config}))
+    if clip == "vision":
+        save_file({"vision_model." + k: v for k, v in tower_state.items()}, str(clip_dir / "model.safetensors"))
+        (clip_dir / "config.json").write_text(json.dumps({"model_type": "clip_vision_model", **cfg.vision_config}))
+    else:
+        write_hub_clip(tower_state, cfg.vision_config, clip_dir, legacy_bin=clip == "hub-bin")
     save_file(state, str(folder / "model.safetensors"))
     config = {
         "model_type": "EventChat_llama", "architectures": ["EventChatModel"],
@@ -40,8 +48,34 @@ def write_original_eventgpt(vlm, folder: Path, *, tower: str = "inside", extra_r
         "torch_dtype": "float32",
     }
     (folder / "config.json").write_text(json.dumps(config))
-    vlm.tokenizer.save_pretrained(str(folder))
+    if tokenizer == "slow":
+        write_slow_llama_tokenizer(folder, legacy=False)
+    else:
+        vlm.tokenizer.save_pretrained(str(folder))
     return folder
+
+
+def write_hub_clip(tower_state: dict, vision_config: dict, folder: Path, *, legacy_bin: bool = False) -> Path:
+    """A full `CLIPModel` folder (text tower, `logit_scale`, `visual_projection`, `text_projection`)
+    whose vision tower holds `tower_state`, written by transformers' own `save_pretrained`. With
+    `legacy_bin`, the weights are the hub's transformers-4.x `pytorch_model.bin` instead: the same
+    keys plus the `position_ids` buffers 4.x saved."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel
+
+    text = dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    clip = CLIPModel(CLIPConfig(text_config=text, vision_config=dict(vision_config), projection_dim=24))
+    clip.vision_model.load_state_dict(tower_state)
+    clip.save_pretrained(str(folder))
+    if legacy_bin:
+        state = {k: v.contiguous() for k, v in clip.state_dict().items()}
+        for tower, n in (("vision_model", clip.vision_model.embeddings.position_ids.shape[-1]),
+                         ("text_model", text["max_position_embeddings"])):
+            state[f"{tower}.embeddings.position_ids"] = torch.arange(n)[None]
+        (Path(folder) / "model.safetensors").unlink()
+        torch.save(state, Path(folder) / "pytorch_model.bin")
+    return Path(folder)
 
 
 _LEGACY = [("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),

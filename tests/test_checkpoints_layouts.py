@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from layouts import write_legacy_videollava, write_original_eventgpt, write_slow_llama_tokenizer
+from layouts import llama_sentencepiece_model, write_legacy_videollava, write_original_eventgpt, write_slow_llama_tokenizer
 from vlopt.decode import teacher_forced_logits
 from vlopt.errors import VloptError
 from vlopt.models import get_workload, load_model
@@ -24,6 +24,79 @@ def test_original_eventgpt_layout_loads_to_the_same_logits(eventgpt, tmp_path, t
     assert loaded.hf.model.embed_tokens.weight.shape[0] == eventgpt.hf.config.vocab_size + 1  # <ev_patch>
     expected = _logits(eventgpt)
     torch.testing.assert_close(_logits(loaded)[:, : expected.shape[1]], expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("clip", ["hub", "hub-bin"])
+def test_original_eventgpt_with_the_hub_clip_folder(eventgpt, tmp_path, caplog, clip):
+    """`mm_visual_tower` names a full CLIPModel folder as the hub ships it: the vision tensors are
+    taken, the text tower, logit_scale and projections ignored, and that is said in one line."""
+    folder = write_original_eventgpt(eventgpt, tmp_path / "EventGPT-7b", tower="folder", clip=clip)
+    clip_dir = tmp_path / "EventGPT-7b-clip"
+    assert json.loads((clip_dir / "config.json").read_text())["model_type"] == "clip"
+    with caplog.at_level("WARNING", logger="vlopt"):
+        loaded = load_model(path=str(folder), device="cpu")
+    notes = [r.getMessage() for r in caplog.records if r.name.startswith("vlopt")]
+    assert len(notes) == 1 and "ignored" in notes[0]
+    for name in ("text_model.*", "logit_scale", "visual_projection", "text_projection"):
+        assert name in notes[0]
+    expected = _logits(eventgpt)
+    torch.testing.assert_close(_logits(loaded)[:, : expected.shape[1]], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_original_eventgpt_with_clip_in_the_weights_needs_no_clip_folder(tmp_path, caplog):
+    """The release's weights hold the tower and mm_visual_tower is a hub name: the CLIP config is read
+    off the tensor shapes (a tower with CLIP's 64-wide heads, as every OpenAI CLIP has)."""
+    from vlopt.models import eventgpt as egpt
+    from vlopt.models.tokenizer import build_tokenizer
+
+    vision = dict(image_size=42, patch_size=14, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+                  num_attention_heads=2, hidden_act="quick_gelu")
+    cfg = egpt.EventGPTConfig(**egpt.PRESETS["tiny"]["text"], vision_config=vision, tie_word_embeddings=False,
+                              bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    source = egpt.EventGPT(egpt._instantiate(cfg, dtype=torch.float32, device="cpu").eval(), build_tokenizer(),
+                           source={"preset": "tiny"})
+    folder = write_original_eventgpt(source, tmp_path / "EventGPT-7b", tower="inside")
+    release = json.loads((folder / "config.json").read_text())
+    release["mm_visual_tower"] = "openai/clip-vit-large-patch14-336"
+    (folder / "config.json").write_text(json.dumps(release))
+    import shutil
+    shutil.rmtree(tmp_path / "EventGPT-7b-clip")
+    with caplog.at_level("WARNING", logger="vlopt"):
+        loaded = load_model(path=str(folder), device="cpu")
+    assert any("read off the tower's tensor shapes" in r.getMessage() for r in caplog.records)
+    inferred = loaded.hf.config.vision_config
+    assert {k: inferred[k] for k in vision} == vision
+    expected = _logits(source)
+    torch.testing.assert_close(_logits(loaded)[:, : expected.shape[1]], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_original_eventgpt_with_only_the_slow_tokenizer(eventgpt, tmp_path):
+    import sentencepiece as spm
+
+    folder = write_original_eventgpt(eventgpt, tmp_path / "EventGPT-7b", tokenizer="slow")
+    assert not (folder / "tokenizer.json").exists() and (folder / "tokenizer.model").is_file()
+    loaded = load_model(path=str(folder), device="cpu")
+    text = "A chat between a curious human and an artificial intelligence assistant."
+    reference = spm.SentencePieceProcessor(model_proto=llama_sentencepiece_model())
+    assert loaded.tokenizer(text).input_ids == [1] + reference.encode(text)
+    inp = loaded.run_stages(None, get_workload("eventgpt"), "What is here?")
+    assert len(loaded.stage4(inp, new_tokens=3).tokens) == 3
+
+
+@pytest.mark.parametrize("module,package", [("sentencepiece", "sentencepiece"), ("google.protobuf", "protobuf")])
+def test_a_missing_slow_tokenizer_package_is_named(eventgpt, tmp_path, monkeypatch, module, package):
+    import sys
+
+    folder = write_original_eventgpt(eventgpt, tmp_path / "EventGPT-7b", tokenizer="slow")
+    monkeypatch.setitem(sys.modules, module, None)     # makes `import module` fail
+    with pytest.raises(VloptError, match=f"only the slow LLaMA tokenizer.*needs the package {package}: pip install {package}"):
+        load_model(path=str(folder), device="cpu")
+    (folder / "tokenizer_config.json").unlink()
+    with pytest.raises(VloptError, match="tokenizer.model but no tokenizer_config.json"):
+        load_model(path=str(folder), device="cpu")
+    (folder / "tokenizer.model").unlink()
+    with pytest.raises(VloptError, match="has no tokenizer: it needs tokenizer.json, or tokenizer.model"):
+        load_model(path=str(folder), device="cpu")
 
 
 def test_original_eventgpt_without_a_local_clip_folder_is_explained(eventgpt, tmp_path):

@@ -10,6 +10,7 @@ The module tree mirrors the original `EventChatModel(LlamaForCausalLM)`: the vis
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -17,8 +18,10 @@ from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
 from vlopt.errors import VloptError
-from vlopt.models.base import Stage4Input, VLModel, Workload, seeded_init
+from vlopt.models.base import Stage4Input, VisualFeatures, VLModel, Workload, seeded_init
 from vlopt.models.tokenizer import DEFAULT_QUESTION, SYSTEM_PROMPT, build_tokenizer
+
+logger = logging.getLogger(__name__)
 
 EVENT_TOKEN_INDEX = -200
 PROMPT = SYSTEM_PROMPT + " USER: <ev_start><event><ev_end>\n{question} ASSISTANT:"
@@ -140,17 +143,18 @@ class EventGPT(VLModel):
         return ids + [EVENT_TOKEN_INDEX] + self.tokenizer(after, add_special_tokens=False).input_ids
 
     @torch.no_grad()
-    def features(self, prepared: dict) -> torch.Tensor:
+    def features(self, prepared: dict) -> VisualFeatures:
+        """Pooled rows; with CLS scores, the temporal rows are in group -1 (always kept) and the
+        spatial rows in group 0, the CLS row itself scored +inf."""
         if not self.need_cls_attention:
-            return self.hf.encode_frames(prepared["pixel_values"])
+            return VisualFeatures(self.hf.encode_frames(prepared["pixel_values"]))
         feats, cls = self.hf.encode_frames(prepared["pixel_values"], cls_attention=True)
         frames = feats.shape[0] - cls.shape[0]
         inf = torch.full((frames,), float("inf"), device=cls.device)
         cls = cls.clone()
         cls[0] = float("inf")                      # the CLS row itself is always kept
-        prepared["row_scores"] = torch.cat([inf, cls])
-        prepared["row_groups"] = torch.cat([torch.full((frames,), -1), torch.zeros(cls.shape[0], dtype=torch.long)])
-        return feats
+        return VisualFeatures(feats, torch.cat([inf, cls]),
+                              torch.cat([torch.full((frames,), -1), torch.zeros(cls.shape[0], dtype=torch.long)]))
 
     def assemble(self, prepared: dict, feats: torch.Tensor) -> Stage4Input:
         return splice(self, prepared["input_ids"], feats.to(self.dtype))
@@ -195,6 +199,10 @@ _ORIGINAL_PREFIXES = [
     ("model.visual_tower.visual_tower.vision_model.", "model.visual_tower."),
     ("model.visual_tower.vision_model.", "model.visual_tower."),
 ]
+TOWER = "model.visual_tower."
+# The top-level modules of a CLIPVisionModel (transformers ≥5.18 names, `vision_model.` stripped).
+_CLIP_VISION_PARTS = ("embeddings.", "pre_layrnorm.", "encoder.", "post_layernorm.")
+CLIP_HEAD_DIM = 64   # every OpenAI CLIP ViT (B/32, B/16, L/14, L/14-336) has 64-wide attention heads
 
 
 def map_original_key(key: str) -> str:
@@ -220,13 +228,10 @@ def load_checkpoint(path: Path, config: dict, *, dtype: torch.dtype, device: str
             raise VloptError(f"{path} is not a loadable EventGPT checkpoint: {err}") from None
         return EventGPT(hf.to(device).eval(), tokenizer, source={"path": str(path)})
     dtype = dtype or torch.bfloat16   # the original release is bf16
-    state = {map_original_key(k): v for k, v in read_state_dict(path).items()}
-    cfg = _config_from_original(path, config, state)
-    missing_tower = not any(k.startswith("model.visual_tower.") for k in state)
-    if missing_tower:
-        tower_dir = Path(config.get("mm_visual_tower") or "")
-        state.update({"model.visual_tower." + k.removeprefix("vision_model."): v
-                      for k, v in read_state_dict(tower_dir).items()})
+    # position_ids are buffers transformers rebuilds; 4.x checkpoints saved them.
+    state = {map_original_key(k): v for k, v in read_state_dict(path).items() if not k.endswith(".position_ids")}
+    vision = _clip_tower(path, config, state)
+    cfg = _config_from_original(path, config, state, vision)
     # The embedding row count comes from the weights (32000, or 32001 with <ev_patch>), not the config.
     rows = state["model.embed_tokens.weight"].shape[0]
     cfg.vocab_size = rows
@@ -258,19 +263,86 @@ def _materialize(hf, *, dtype, device):
     return hf.to(device=device, dtype=dtype)
 
 
-def _config_from_original(path: Path, config: dict, state: dict) -> EventGPTConfig:
+def split_clip_vision(state: dict) -> tuple[dict, list[str]]:
+    """The CLIPVisionModel tensors of a CLIP folder (names without `vision_model.`), and the names of
+    everything else: a full `CLIPModel` folder as the hub ships it also holds the text tower,
+    `logit_scale` and the two projections, which the vision tower does not use."""
+    vision, ignored = {}, []
+    for key, tensor in state.items():
+        name = key.removeprefix("vision_model.")
+        if name.startswith(_CLIP_VISION_PARTS) and not name.endswith(".position_ids"):
+            vision[name] = tensor
+        else:
+            ignored.append(key)
+    return vision, ignored
+
+
+def _summarize_keys(keys: list[str]) -> str:
+    """`text_model.* (196), logit_scale, …`: one entry per top-level name."""
+    groups: dict[str, int] = {}
+    for k in keys:
+        group = k.split(".")[0] + (".*" if "." in k else "")
+        groups[group] = groups.get(group, 0) + 1
+    return ", ".join(f"{g} ({n})" if n > 1 else g for g, n in sorted(groups.items()))
+
+
+def clip_config_from_weights(state: dict, prefix: str = TOWER) -> dict:
+    """A CLIPVisionConfig dict read off the tower's tensor shapes: width and patch size from the patch
+    convolution, image size from the position-embedding count ((image/patch)² + 1), depth from the
+    layer indices, MLP width from fc1, heads from CLIP's head width of 64. The activation is OpenAI
+    CLIP's quick_gelu."""
+    patch = state[prefix + "embeddings.patch_embedding.weight"]          # [width, channels, p, p]
+    positions = state[prefix + "embeddings.position_embedding.weight"].shape[0]
+    hidden, channels, patch_size = int(patch.shape[0]), int(patch.shape[1]), int(patch.shape[-1])
+    grid = round((positions - 1) ** 0.5)
+    layer_ids = {int(k[len(prefix + "encoder.layers."):].split(".")[0]) for k in state
+                 if k.startswith(prefix + "encoder.layers.")}
+    if grid * grid != positions - 1 or not layer_ids or hidden % CLIP_HEAD_DIM:
+        raise VloptError(f"the CLIP tower in the weights has an unexpected shape (width {hidden}, {positions} "
+                         f"positions, {len(layer_ids)} layers); name a local CLIP folder in mm_visual_tower")
+    return dict(image_size=grid * patch_size, patch_size=patch_size, hidden_size=hidden, num_channels=channels,
+                intermediate_size=int(state[prefix + "encoder.layers.0.mlp.fc1.weight"].shape[0]),
+                num_hidden_layers=max(layer_ids) + 1, num_attention_heads=hidden // CLIP_HEAD_DIM,
+                hidden_act="quick_gelu")
+
+
+def _clip_tower(path: Path, config: dict, state: dict) -> dict:
+    """The CLIP vision config of an original release. It comes from the local CLIP folder named by
+    `mm_visual_tower` when there is one (whose vision weights are added to `state` when the release's
+    weights lack the tower), else from the shapes of the tower inside the weights."""
+    from vlopt.models.weights import read_state_dict
+
+    name = config.get("mm_visual_tower")
+    tower_dir = Path(name or "")
+    in_weights = any(k.startswith(TOWER) for k in state)
+    if (tower_dir / "config.json").is_file():
+        vision = json.loads((tower_dir / "config.json").read_text())
+        vision = vision.get("vision_config", vision)  # a full CLIPModel folder nests it
+        if not in_weights:
+            tower, ignored = split_clip_vision(read_state_dict(tower_dir))
+            if not tower:
+                raise VloptError(f"{tower_dir} (mm_visual_tower) holds no CLIP vision weights "
+                                 "(vision_model.* or embeddings./encoder.* tensors)")
+            if ignored:
+                logger.warning("note: %s: took the %d CLIP vision tensors, ignored the other %d (%s)",
+                               tower_dir, len(tower), len(ignored), _summarize_keys(ignored))
+            state.update({TOWER + k: v for k, v in tower.items()})
+        return vision
+    if in_weights:
+        vision = clip_config_from_weights(state)
+        logger.warning("note: %s: mm_visual_tower=%r is not a local folder; the CLIP config was read off the "
+                       "tower's tensor shapes: %s", path, name, vision)
+        return vision
+    raise VloptError(
+        f"{path}/config.json names mm_visual_tower={name!r}, which is not a local CLIP folder, and the weights "
+        "hold no CLIP tower (model.visual_tower.visual_tower.vision_model.*); edit it to the path of a local "
+        "clip-vit-large-patch14-336 folder (as the EventGPT README says)")
+
+
+def _config_from_original(path: Path, config: dict, state: dict, vision: dict) -> EventGPTConfig:
     if config.get("use_event_qformer"):
         raise VloptError(f"{path}/config.json sets use_event_qformer; that variant was never released "
                          "and is not supported")
-    tower_dir = Path(config.get("mm_visual_tower") or "")
-    tower_cfg_file = tower_dir / "config.json"
-    if not tower_cfg_file.is_file():
-        raise VloptError(
-            f"{path}/config.json names mm_visual_tower={config.get('mm_visual_tower')!r}, which is not a "
-            "local CLIP folder; edit it to the path of a local clip-vit-large-patch14-336 folder "
-            "(as the EventGPT README says)")
-    vision = json.loads(tower_cfg_file.read_text())
-    vision = vision.get("vision_config", vision)  # a full CLIPModel folder nests it
     keep = set(CLIP_L14_336) | {"layer_norm_eps", "num_channels", "projection_dim"}
     text_keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                  "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "rope_theta",
@@ -284,11 +356,39 @@ def _config_from_original(path: Path, config: dict, state: dict) -> EventGPTConf
     return EventGPTConfig(**text, vision_config={k: v for k, v in vision.items() if k in keep})
 
 
+def _missing_packages(modules: dict[str, str]) -> list[str]:
+    """The pip names of the `modules` ({pip name: module}) that do not import."""
+    import importlib
+
+    missing = []
+    for package, module in modules.items():
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(package)
+    return missing
+
+
 def load_tokenizer(path: Path):
+    """The folder's tokenizer: `tokenizer.json`, or the slow LLaMA files (`tokenizer.model` with
+    `tokenizer_config.json`), which transformers converts with sentencepiece and protobuf."""
     from transformers import AutoTokenizer
 
+    path = Path(path)
+    has = {name: (path / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")}
+    if not has["tokenizer.json"]:
+        if not has["tokenizer.model"]:
+            raise VloptError(f"{path} has no tokenizer: it needs tokenizer.json, or tokenizer.model with "
+                             "tokenizer_config.json (the slow LLaMA tokenizer files)")
+        if not has["tokenizer_config.json"]:
+            raise VloptError(f"{path} has tokenizer.model but no tokenizer_config.json, which names the tokenizer "
+                             "class and its special tokens; copy it from the release")
+        missing = _missing_packages({"sentencepiece": "sentencepiece", "protobuf": "google.protobuf"})
+        if missing:
+            raise VloptError(f"{path} has only the slow LLaMA tokenizer (tokenizer.model); reading it needs the "
+                             f"package{'s' if len(missing) > 1 else ''} {' and '.join(missing)}: "
+                             f"pip install {' '.join(missing)}")
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as err:  # transformers raises many types here; all mean "no usable tokenizer"
-        raise VloptError(f"{path} has no tokenizer that loads offline ({type(err).__name__}: {err}); "
-                         "the folder needs tokenizer.json or tokenizer.model with its config") from None
+        raise VloptError(f"{path}: its tokenizer does not load offline ({type(err).__name__}: {err})") from None
