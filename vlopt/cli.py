@@ -12,7 +12,8 @@ import typer
 
 from vlopt.recipe import MAX_NEW_TOKENS
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+# `vlopt` alone is a usage error like any other (one line, exit 2), not the help text.
+app = typer.Typer(add_completion=False, no_args_is_help=False, pretty_exceptions_enable=False,
                   help="Make stage 4 (LLM decoding) of EventGPT and Video-LLaVA fast, and prove it.")
 # interrupted: a Ctrl-C arrived; reraise: the next SIGINT is our own re-raise of one a finalizer
 # swallowed; finished: main() has its exit code.
@@ -103,14 +104,16 @@ def bench(model: str = typer.Option("eventgpt", help="eventgpt | videollava | a 
     written by `vlopt apply` is loaded with its runtime passes re-applied (its saved dtype), so the
     optimized model is what gets timed; under torchrun (tensor_parallel) rank 0 alone prints and writes."""
     from vlopt.bench import benchmark, compare_table
-    from vlopt.checkpoint import MANIFEST, load_optimized
-    from vlopt.models import get_workload, load_model
+    from vlopt.checkpoint import MANIFEST
+    from vlopt.manager import load_optimized
+    from vlopt.models import load_model
+    from vlopt.plugins import get_registry
 
     rank = _init_distributed()
     if rank != 0:
         STATE["quiet"], json_out = True, None
     console = _console()
-    names = ["eventgpt", "videollava"] if compare else [model]
+    names = sorted(get_registry().models) if compare else [model]
     results = []
     for name in names:
         is_path = not compare and (Path(name).exists() or "/" in name)
@@ -120,10 +123,7 @@ def bench(model: str = typer.Option("eventgpt", help="eventgpt | videollava | a 
             else:
                 vlm = load_model(None if is_path else name, preset=preset, path=name if is_path else None,
                                  dtype=dtype, device=device, allow_pickle=allow_pickle)
-        wl = get_workload(workload if (workload and not compare) else vlm.default_workload)
-        if wl.model != vlm.name:
-            from vlopt.errors import VloptError
-            raise VloptError(f"workload '{wl.name}' is for {wl.model}, not {vlm.name}")
+        wl = vlm.workload(None if compare else workload)
         with console.status(f"benchmarking {vlm.name} on {wl.name}"):
             results.append(benchmark(vlm, wl, samples=samples, warmup=warmup, new_tokens=new_tokens,
                                      fixed=not natural, input_path=str(input_path) if input_path else None))
@@ -152,37 +152,32 @@ def apply(recipe: Path = typer.Argument(..., help="The recipe YAML."),
           continue_on_error: bool = typer.Option(False, "--continue-on-error",
                                                  help="Record a failing pass and go on with the next.")):
     """Apply a recipe: bench the baseline, apply each pass, bench again, write checkpoint and report."""
-    import yaml
-
     from vlopt import manager
     from vlopt.errors import VloptError
-    from vlopt.plugins import get_registry
-    from vlopt.recipe import load_recipe, resolved_recipe
+    from vlopt.recipe import load_recipe
 
     if device is not None and device not in ("cpu", "cuda", "auto"):
         raise VloptError(f"--device must be cpu, cuda or auto, not '{device}'")
-    registry = get_registry()
-    rec, configs = load_recipe(recipe, registry)
+    rec, configs = load_recipe(recipe)
     out = output if output is not None else (recipe.parent / rec.output if rec.output else None)
     out = out.resolve() if out is not None else None
     if dry_run:
-        from vlopt.checkpoint import check_output
-        if out is not None:
-            check_output(out.absolute(), force=force)
+        import yaml
+
+        plan = manager.resolve(rec, configs, recipe_path=recipe.absolute(), output=out, force=force)
         console = _console()
-        for i, row in enumerate(manager.plan(rec, configs, registry)):
-            console.print(f"{i + 1}. {row['pass']} ({row['plugin']}, v{row['version']}): "
-                          f"{'changes weights' if row['changes_weights'] else 'runtime only'}, "
-                          f"{'lossless' if row['lossless'] else 'lossy'} — {row['config']}")
-        console.print(f"output: {out.absolute() if out else '(none: report printed only)'}")
-        print(yaml.safe_dump(resolved_recipe(rec, configs, registry), sort_keys=False), end="")
+        for i, step in enumerate(plan.steps()):
+            console.print(f"{i + 1}. {step['pass']} ({step['plugin']}, v{step['version']}): "
+                          f"{step['persistence']}, {'lossless' if step['lossless'] else 'lossy'} — {step['config']}")
+        console.print(f"output: {out if out else '(none: report printed only)'}")
+        print(yaml.safe_dump(plan.resolved, sort_keys=False), end="")
         return
     rank = _init_distributed()
     if rank != 0:                 # under torchrun only rank 0 writes the report and the checkpoint
         STATE["quiet"], out = True, None
     console = _console()
     with console.status("starting") as status:
-        result = manager.run(rec, configs, recipe_path=recipe.absolute(), output=out.absolute() if out else None,
+        result = manager.run(rec, configs, recipe_path=recipe.absolute(), output=out,
                              force=force, device=device, continue_on_error=continue_on_error,
                              progress=lambda msg: status.update(msg))
     from vlopt.report import markdown
@@ -223,15 +218,15 @@ def passes(as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
         cls = entry.config
         fields = {f: {"type": _type_name(info.annotation), "default": info.get_default(call_default_factory=True)}
                   for f, info in cls.model_fields.items() if f != "type"}
-        rows.append({"type": name, "plugin": entry.plugin, "version": cls.version,
-                     "changes_weights": cls.changes_weights, "lossless": cls.lossless,
+        rows.append({"type": name, "plugin": entry.plugin, "version": cls.version, "persistence": cls.persistence,
+                     "changes_weights": cls.changes_weights(), "lossless": cls.lossless,
                      "deterministic": cls.deterministic, "fields": fields,
                      "doc": (entry.apply.__module__ and sys.modules[entry.apply.__module__].__doc__ or "").strip()})
     if as_json:
         print(json.dumps(rows, indent=2, default=str))
         return
     for r in rows:
-        print(f"{r['type']}  ({r['plugin']}, v{r['version']}; {'changes weights' if r['changes_weights'] else 'runtime only'}, "
+        print(f"{r['type']}  ({r['plugin']}, v{r['version']}; {r['persistence']}, "
               f"{'lossless' if r['lossless'] else 'lossy'})")
         for f, info in r["fields"].items():
             print(f"    {f}: {info['type']} = {info['default']!r}")
@@ -302,11 +297,9 @@ def _command():
 def _usage_message(err) -> str:
     """A click usage error as one line, with where to look for help."""
     ctx = getattr(err, "ctx", None)
-    if type(err).__name__ == "NoArgsIsHelpError":     # `vlopt` alone: its message is the whole help
-        names = ", ".join(sorted(ctx.command.commands)) if ctx is not None and hasattr(ctx.command, "commands") else ""
-        message = f"missing command{f' (one of {names})' if names else ''}"
-    else:
-        message = " ".join(err.format_message().split())
+    message = " ".join(err.format_message().split())
+    if message == "Missing command." and ctx is not None and hasattr(ctx.command, "commands"):
+        message = f"missing command (one of {', '.join(sorted(ctx.command.commands))})"
     hint = f"; see '{ctx.command_path} --help'" if ctx is not None else ""
     return message.rstrip(".") + hint
 
