@@ -1,0 +1,82 @@
+"""Training the trained-tiny models: batched stage 3 equals the models' own, training is
+deterministic on CPU and lowers the loss, and a saved model loads back through vlopt's loader."""
+
+import pytest
+import torch
+
+from vlopt import scenes as S
+from vlopt import train as T
+
+
+@pytest.fixture(scope="module", params=T.FAMILIES)
+def fresh(request):
+    torch.set_num_threads(1)
+    return request.param, T.build_model(request.param, seed=0)
+
+
+def test_batched_stage3_equals_the_models_own_encode(fresh):
+    from vlopt.models import get_workload
+
+    family, vlm = fresh
+    for modality in T.MODALITIES[family]:
+        workload = get_workload(T.WORKLOADS[modality])
+        preps = [vlm.preprocess(S.render(s, modality), S.question(s, modality).question, workload)
+                 for s in S.scenes(0, 2, "eval")]
+        with torch.no_grad():
+            feats = T.batch_features(vlm, modality, torch.stack([T._pixels(p) for p in preps]))
+            seqs = [T.expanded_prompt(vlm, p["input_ids"], feats.shape[1]) for p in preps]
+            embeds, mask = T.splice_batch(vlm, seqs, list(feats))
+        for b, prep in enumerate(preps):
+            ref = vlm.encode(prep)
+            n = ref.context_tokens
+            torch.testing.assert_close(embeds[b, :n], ref.embeds[0], rtol=1e-5, atol=1e-5)
+            assert mask[b, :n].all() and not mask[b, n:].any()
+
+
+def test_training_is_deterministic_on_cpu_and_lowers_the_loss(fresh):
+    family, _ = fresh
+    kwargs = dict(steps=10, seed=1, device="cpu", batch_size=4, pool_scenes=4, lr=3e-3, eval_scenes=0, threads=1,
+                  log=lambda *_: None)
+    first, second = T.train(family, **kwargs), T.train(family, **kwargs)
+    assert first["loss"] == second["loss"] and first["exit_ce"] == second["exit_ce"]
+    assert len(first["loss"]) == 10 and len(first["exit_ce"][0]) == T.TEXT["num_hidden_layers"] - 1
+    assert sum(first["loss"][-3:]) < 0.7 * sum(first["loss"][:3])
+    other = T.train(family, **{**kwargs, "seed": 2, "steps": 2})
+    assert other["loss"] != first["loss"][:2]
+
+
+def test_a_saved_model_loads_back_with_equal_logits(fresh, tmp_path):
+    from vlopt.models import get_workload, load_model
+
+    family, vlm = fresh
+    T.save_model(vlm, tmp_path)
+    loaded = load_model(path=str(tmp_path), device="cpu", dtype="float32")
+    assert type(loaded) is type(vlm)
+    assert loaded.tokenizer.get_vocab() == vlm.tokenizer.get_vocab()
+    modality = next(iter(T.MODALITIES[family]))
+    workload = get_workload(T.WORKLOADS[modality])
+    scene = S.scenes(0, 1, "eval")[0]
+    raw, question = S.render(scene, modality), S.question(scene, modality).question
+    logits = [m.hf(inputs_embeds=m.encode(m.preprocess(raw, question, workload)).embeds).logits
+              for m in (vlm, loaded)]
+    torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=0)
+
+
+def test_exit_weights_rise_with_depth_and_sum_to_one():
+    w = T.exit_weights(8)
+    assert len(w) == 7 and w == sorted(w) and w[0] < w[-1] and sum(w) == pytest.approx(1.0)
+
+
+def test_acceptance_follows_the_layer_skip_rule():
+    # All drafts right: every verify accepts its full draft (the last one runs out of answer).
+    assert T.acceptance_from_matches([True] * 8, 4) == pytest.approx(7 / 8)
+    assert T.acceptance_from_matches([False] * 8, 4) == 0.0
+    # One miss in the middle: 2 accepted, the full model's token at the miss, then 4 accepted.
+    assert T.acceptance_from_matches([True, True, False, True, True, True, True], 4) == pytest.approx(6 / 8)
+
+
+def test_draft_agreement_reports_every_exit(fresh):
+    family, vlm = fresh
+    stats = T.draft_agreement(vlm, S.scenes(0, 2, "eval"), new_tokens=6)
+    assert sorted(stats) == list(range(1, T.TEXT["num_hidden_layers"]))
+    assert all(0 <= s["agreement"] <= 1 and 0 <= s["acceptance"] <= 1 for s in stats.values())

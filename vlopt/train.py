@@ -1,0 +1,493 @@
+"""Training the "trained tiny" models of both families on the synthetic scene task (`vlopt.scenes`).
+
+    python -m vlopt.train eventgpt --steps 3000 --seed 0 --device cuda --out out/trained/eventgpt
+    python -m vlopt.train videollava --steps 3000 --seed 0 --device cuda --out out/trained/videollava
+
+The models have the families' real structure, built through the same classes as the presets, at
+sizes that train in minutes: a CLIP tower at the scene's 56 px (patch 14: 16 patches + CLS), the
+projector (EventGPT: + feature_adaptor and the T+N pooling of 5 frames; Video-LLaVA: image and video
+towers, layer −2 features, 8 frames), and an 8-layer LLaMA decoder. Both use the task tokenizer
+(`vlopt.models.task_tokenizer`).
+
+Training data goes through the families' own stage 1–2 code: each training scene is rendered
+(`vlopt.scenes.render`) and passed to `vlm.preprocess`, once, into a pool of pixel tensors; a step
+samples (scene, question) pairs from the pool — question kinds uniform, as the evaluation asks them —
+and runs stage 3 batched from the model's own submodules (`batch_features`, tested equal to
+`vlm.features`). The loss is cross-entropy on the answer tokens and EOS, plus a LayerSkip-style early-exit
+loss: the shared final norm and lm_head read every intermediate layer, weighted rising with depth, so
+that the first k layers draft what the full model would say (what `layer_skip` needs).
+
+Seeded: on CPU the same seed and steps give the same loss history. The output folder is
+`save_pretrained` weights (safetensors) + the tokenizer, which `vlopt.load_model(path=DIR)` loads, and
+`vlopt_training.json` (arguments, loss history, evaluation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+FAMILIES = ("eventgpt", "videollava")
+# Which inputs each family trains on (with sampling weights), and the workload that runs each.
+MODALITIES = {"eventgpt": {"events": 1.0}, "videollava": {"video": 2.0, "image": 1.0}}
+WORKLOADS = {"events": "eventgpt", "video": "videollava", "image": "videollava-image"}
+
+VISION = dict(patch_size=14, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+              num_attention_heads=4, hidden_act="quick_gelu")
+TEXT = dict(hidden_size=160, intermediate_size=448, num_hidden_layers=8, num_attention_heads=5,
+            max_position_embeddings=1024, rms_norm_eps=1e-5)
+
+
+# ---- the models ------------------------------------------------------------------------------------
+
+def build_model(family: str, *, seed: int = 0, device: str = "cpu"):
+    """A freshly initialised trained-tiny model of `family` (a `VLModel` with the task tokenizer).
+    Built on the CPU, so the initial weights do not depend on the device."""
+    import torch
+
+    from vlopt import scenes
+    from vlopt.models.base import seeded_init
+    from vlopt.models.task_tokenizer import build_task_tokenizer
+
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, not {family!r}")
+    tokenizer = build_task_tokenizer()
+    vision = dict(VISION, image_size=scenes.SIZE)
+    text = dict(TEXT, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        with torch.device("cpu"), seeded_init("cpu", seed):
+            if family == "eventgpt":
+                from vlopt.models.eventgpt import EventGPT, EventGPTConfig, EventGPTForCausalLM, register_auto_classes
+
+                register_auto_classes()
+                config = EventGPTConfig(**text, vision_config=vision, tie_word_embeddings=False)
+                vlm = EventGPT(EventGPTForCausalLM(config), tokenizer, source={"trained": family})
+            else:
+                from transformers import VideoLlavaConfig, VideoLlavaForConditionalGeneration
+
+                from vlopt.models.videollava import VideoLLaVA
+
+                image_id, video_id = tokenizer.convert_tokens_to_ids(["<image>", "<video>"])
+                patches = (vision["image_size"] // vision["patch_size"]) ** 2
+                config = VideoLlavaConfig(
+                    text_config=dict(model_type="llama", **text),
+                    vision_config=dict(model_type="clip_vision_model", **vision),
+                    image_token_index=image_id, video_token_index=video_id, pad_token_id=tokenizer.pad_token_id,
+                    image_seq_length=patches, video_seq_length=scenes.VIDEO_FRAMES * (patches + 1),
+                    vision_feature_layer=-2, vision_feature_select_strategy="default", tie_word_embeddings=False)
+                vlm = VideoLLaVA(VideoLlavaForConditionalGeneration(config), tokenizer, source={"trained": family})
+    finally:
+        torch.set_default_dtype(previous)
+    vlm.hf.to(device)
+    return vlm
+
+
+def save_model(vlm, out: str | Path) -> Path:
+    """A folder `vlopt.load_model(path=out)` reads: safetensors weights, config, tokenizer."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    vlm.hf.save_pretrained(out, safe_serialization=True)
+    vlm.tokenizer.save_pretrained(out)
+    return out
+
+
+# ---- stage 3, batched --------------------------------------------------------------------------------
+
+def batch_features(vlm, modality: str, pixels):
+    """Stage 3's vision half for a batch: pixels [B, T, 3, S, S] (as `preprocess` makes them, stacked)
+    → [B, rows, hidden], from the model's own submodules; per sample equal to `vlm.features`."""
+    import torch
+
+    if vlm.name == "eventgpt":
+        m = vlm.hf.model
+        B, T = pixels.shape[:2]
+        hidden = m.visual_tower(pixels.flatten(0, 1)).last_hidden_state
+        feats = m.feature_adaptor(m.visual_projector(hidden))
+        feats = feats.view(B, T, *feats.shape[1:])
+        # EventGPT's spatio-temporal pooling: one mean per frame, then one mean over frames per position.
+        return torch.cat([feats.mean(dim=2), feats.mean(dim=1)], dim=1)
+    m = vlm.hf.model
+    if modality == "image":
+        return m.get_image_features(pixel_values=pixels[:, 0], return_dict=True).pooler_output
+    B = pixels.shape[0]
+    out = m.get_video_features(pixel_values_videos=pixels, return_dict=True).pooler_output
+    return out.reshape(B, -1, out.shape[-1])
+
+
+VISUAL = -1   # marks a visual row in an expanded prompt
+
+
+def expanded_prompt(vlm, ids: list[int], rows: int) -> list[int]:
+    """The prompt ids with one `VISUAL` marker per visual row where the model splices its features."""
+    if vlm.name == "eventgpt":
+        from vlopt.models.eventgpt import EVENT_TOKEN_INDEX
+
+        pos = ids.index(EVENT_TOKEN_INDEX)
+        return ids[:pos] + [VISUAL] * rows + ids[pos + 1:]
+    cfg = vlm.hf.config
+    placeholders = {cfg.image_token_index, cfg.video_token_index}
+    out = [VISUAL if i in placeholders else i for i in ids]
+    if out.count(VISUAL) != rows:
+        raise ValueError(f"{out.count(VISUAL)} placeholders for {rows} visual rows")
+    return out
+
+
+def splice_batch(vlm, sequences: list[list[int]], feats: list):
+    """Right-padded input embeddings [B, L, hidden] and attention mask [B, L] of `sequences` (token ids
+    with `VISUAL` markers), the visual markers replaced by the rows of `feats` (one tensor a sample)."""
+    import torch
+
+    dev = vlm.device
+    pad = vlm.tokenizer.pad_token_id
+    length = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), length), pad, dtype=torch.long)
+    mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for b, seq in enumerate(sequences):
+        ids[b, :len(seq)] = torch.tensor(seq)
+        mask[b, :len(seq)] = 1
+    ids, mask = ids.to(dev), mask.to(dev)
+    visual = ids == VISUAL
+    embeds = vlm.text_model.embed_tokens(ids.clamp(min=0))
+    rows = torch.cat([f.to(embeds.dtype) for f in feats], dim=0)
+    embeds = embeds.masked_scatter(visual[..., None].expand_as(embeds), rows)
+    return embeds, mask
+
+
+# ---- the training pool -----------------------------------------------------------------------------
+
+def _pixels(prepared: dict):
+    """The pixel tensor of a prepared input (whatever key the adapter stores it under)."""
+    import torch
+
+    found = [v for v in prepared.values() if torch.is_tensor(v) and v.dim() == 4]
+    if len(found) != 1:
+        raise ValueError(f"expected one pixel tensor in the prepared input, found keys {list(prepared)}")
+    return found[0]
+
+
+def _render_one(args):
+    from vlopt import scenes
+
+    scene, modalities = args
+    return [scenes.render(scene, m) for m in modalities]
+
+
+@dataclass
+class Pool:
+    """Pre-rendered training scenes: per modality a pixel tensor [scenes, T, 3, S, S] on the device."""
+
+    scenes: list
+    pixels: dict
+
+
+def build_pool(vlm, family: str, scene_set: list, *, workers: int = 1) -> Pool:
+    """Render each scene once for every modality the family trains on and run it through the
+    model's stage 2 (`vlm.preprocess`)."""
+    import torch
+
+    from vlopt.models import get_workload
+
+    modalities = list(MODALITIES[family])
+    jobs = [(s, modalities) for s in scene_set]
+    if workers > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as ex:
+            raws = ex.map(_render_one, jobs, chunksize=16)
+            per_scene = list(raws)
+    else:
+        per_scene = [_render_one(j) for j in jobs]
+    pixels = {}
+    for k, modality in enumerate(modalities):
+        workload = get_workload(WORKLOADS[modality])
+        stacked = [_pixels(vlm.preprocess(raw[k], "", workload)).cpu() for raw in per_scene]
+        pixels[modality] = torch.stack(stacked).to(vlm.device)
+    return Pool(list(scene_set), pixels)
+
+
+class Sampler:
+    """Seeded (scene, modality, question) draws: modality by weight, kind uniform, object uniform."""
+
+    def __init__(self, vlm, family: str, pool: Pool, seed: int):
+        import numpy as np
+
+        from vlopt.models import get_workload
+
+        self.vlm, self.pool = vlm, pool
+        self.rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(2,)))
+        self.modalities = list(MODALITIES[family])
+        w = np.array([MODALITIES[family][m] for m in self.modalities])
+        self.weights = w / w.sum()
+        self.workloads = {m: get_workload(WORKLOADS[m]) for m in self.modalities}
+        self._prompts: dict = {}
+        self._answers: dict = {}
+
+    def prompt_ids(self, modality: str, question: str) -> list[int]:
+        key = (modality, question)
+        if key not in self._prompts:
+            self._prompts[key] = list(self.vlm.prompt(question, self.workloads[modality])["input_ids"])
+        return self._prompts[key]
+
+    def answer_ids(self, answer: str) -> list[int]:
+        if answer not in self._answers:
+            tok = self.vlm.tokenizer
+            self._answers[answer] = tok(" " + answer, add_special_tokens=False).input_ids + [tok.eos_token_id]
+        return self._answers[answer]
+
+    def draw(self, batch_size: int) -> list[tuple]:
+        from vlopt import scenes
+
+        out = []
+        for _ in range(batch_size):
+            i = int(self.rng.integers(len(self.pool.scenes)))
+            modality = self.modalities[int(self.rng.choice(len(self.modalities), p=self.weights))]
+            scene = self.pool.scenes[i]
+            kinds = scenes.kinds(modality)
+            kind = kinds[int(self.rng.integers(len(kinds)))]
+            thing = scene.things[int(self.rng.integers(len(scene.things)))]
+            item = scenes.qa(scene, kind, thing, still=modality == "image")
+            out.append((i, modality, self.prompt_ids(modality, item.question), self.answer_ids(item.answer)))
+        return out
+
+
+# ---- the loss ----------------------------------------------------------------------------------------
+
+def exit_weights(num_layers: int) -> list[float]:
+    """Weights of the early exits after layers 1 … num_layers−1: rising with depth, summing to 1."""
+    raw = list(range(1, num_layers))
+    return [w / sum(raw) for w in raw]
+
+
+def batch_loss(vlm, pool: Pool, draws: list[tuple], *, exit_weight: float) -> tuple:
+    """(total loss, answer cross-entropy, per-exit cross-entropies) of one batch."""
+    import torch
+    import torch.nn.functional as F
+
+    feats: list = [None] * len(draws)
+    for modality in pool.pixels:
+        members = [b for b, d in enumerate(draws) if d[1] == modality]
+        if members:
+            idx = torch.tensor([draws[b][0] for b in members], device=vlm.device)
+            out = batch_features(vlm, modality, pool.pixels[modality][idx])
+            for row, b in enumerate(members):
+                feats[b] = out[row]
+    sequences, labels = [], []
+    for (_, _, prompt, answer), f in zip(draws, feats):
+        prompt = expanded_prompt(vlm, prompt, f.shape[0])
+        sequences.append(prompt + answer[:-1])
+        labels.append([-100] * (len(prompt) - 1) + answer)
+    embeds, mask = splice_batch(vlm, sequences, feats)
+    target = torch.full(mask.shape, -100, dtype=torch.long)
+    for b, lab in enumerate(labels):
+        target[b, :len(lab)] = torch.tensor(lab)
+    target = target.to(vlm.device)
+    answer_rows = target != -100
+
+    tm, head = vlm.text_model, vlm.lm_head
+    captured = []
+    hooks = [layer.register_forward_hook(lambda _m, _i, out: captured.append(out[0] if isinstance(out, tuple) else out))
+             for layer in tm.layers[:-1]]
+    try:
+        final = tm(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+    finally:
+        for h in hooks:
+            h.remove()
+    y = target[answer_rows]
+    ce = F.cross_entropy(head(final[answer_rows]).float(), y)
+    exits = [F.cross_entropy(head(tm.norm(h[answer_rows])).float(), y) for h in captured]
+    total = ce + exit_weight * sum(w * e for w, e in zip(exit_weights(len(tm.layers)), exits))
+    return total, ce.detach(), [e.detach() for e in exits]
+
+
+# ---- early-exit agreement ----------------------------------------------------------------------------
+
+def acceptance_from_matches(matches: list[bool], draft_tokens: int) -> float:
+    """The acceptance rate of self-speculative decoding (as the layer_skip engine counts it: accepted
+    drafts / drafted tokens) on one answer, given for each answer token after the first whether the
+    draft layers' greedy token equals the full model's. Exact: the draft layers see the same prefix
+    and KV as the full model's first layers, so teacher forcing on the full model's answer is what
+    they see during decoding."""
+    i, accepted, verifies = 1, 0, 0
+    while i < len(matches) + 1:
+        m = 0
+        while m < draft_tokens and i + m - 1 < len(matches) and matches[i + m - 1]:
+            m += 1
+        accepted += m
+        verifies += 1
+        i += m + 1
+    return accepted / max(1, verifies * draft_tokens)
+
+
+def draft_agreement(vlm, scene_set: list, *, workload=None, draft_tokens: int = 4, new_tokens: int = 32) -> dict:
+    """For every early exit k: how often the first k layers' greedy token equals the full model's on
+    the full model's own answers, and the layer_skip acceptance rate that gives for `draft_tokens`."""
+    import torch
+
+    from vlopt import scenes
+    from vlopt.models import get_workload
+
+    workload = get_workload(workload or vlm.default_workload) if not hasattr(workload, "input_kind") else workload
+    modality = workload.input_kind
+    tm, head = vlm.text_model, vlm.lm_head
+    n_layers = len(tm.layers)
+    matches = {k: [] for k in range(1, n_layers)}
+    rates = {k: [] for k in range(1, n_layers)}
+    with torch.no_grad():
+        for scene in scene_set:
+            item = scenes.question(scene, modality)
+            inp = vlm.encode(vlm.preprocess(scenes.render(scene, modality), item.question, workload))
+            tokens = vlm.stage4(inp, new_tokens=new_tokens, fixed=False).tokens
+            ids = torch.tensor([tokens[:-1]], device=vlm.device, dtype=torch.long)
+            embeds = torch.cat([inp.embeds, vlm.embed(ids).to(inp.embeds.dtype)], dim=1)
+            captured = []
+            hooks = [layer.register_forward_hook(
+                lambda _m, _i, out: captured.append(out[0] if isinstance(out, tuple) else out))
+                for layer in tm.layers[:-1]]
+            try:
+                final = tm(inputs_embeds=embeds).last_hidden_state
+            finally:
+                for h in hooks:
+                    h.remove()
+            L = inp.context_tokens
+            full = head(final[0, L - 1:]).argmax(-1)
+            for k, h in enumerate(captured, start=1):
+                draft = head(tm.norm(h[0, L - 1:])).argmax(-1)
+                same = (draft == full).tolist()
+                matches[k] += same[1:]
+                rates[k].append(acceptance_from_matches(same[1:], draft_tokens))
+    return {k: {"agreement": sum(matches[k]) / max(1, len(matches[k])),
+                "acceptance": sum(rates[k]) / max(1, len(rates[k]))} for k in matches}
+
+
+# ---- training ----------------------------------------------------------------------------------------
+
+def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to a tenth of `lr`."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def evaluate_family(vlm, family: str, *, scenes_n: int, seed: int) -> dict:
+    """Accuracy on `scenes_n` evaluation-split scenes of `seed`, for every modality of the family."""
+    from vlopt import scenes
+
+    was_training = vlm.hf.training
+    vlm.hf.eval()
+    try:
+        scene_set = scenes.scenes(seed, scenes_n, "eval")
+        out = {}
+        for modality in MODALITIES[family]:
+            r = scenes.evaluate(vlm, scene_set, workload=WORKLOADS[modality])
+            out[modality] = {"accuracy": r["accuracy"], "per_kind": r["per_kind"], "scenes": r["scenes"],
+                             "examples": r["answers"][:3]}
+        return out
+    finally:
+        vlm.hf.train(was_training)
+
+
+def train(family: str, *, steps: int, seed: int = 0, device: str = "cpu", out: str | Path | None = None,
+          batch_size: int = 32, lr: float = 1e-3, weight_decay: float = 0.01, warmup: int | None = None,
+          pool_scenes: int = 2000, exit_weight: float = 0.5, log_every: int = 50, eval_scenes: int = 100,
+          eval_every: int = 0, eval_seed: int = 0, threads: int | None = None, workers: int = 1,
+          log=print) -> dict:
+    """Train a trained-tiny model of `family`; returns the loss history and evaluation (and saves the
+    model to `out` when given). Deterministic on CPU for a given seed."""
+    import torch
+
+    from vlopt import scenes
+
+    if threads:
+        torch.set_num_threads(threads)
+    started = time.perf_counter()
+    scene_set = scenes.scenes(seed, pool_scenes, "train")
+    vlm = build_model(family, seed=seed, device=device)
+    pool = build_pool(vlm, family, scene_set, workers=workers)
+    log(f"[{family}] {sum(p.numel() for p in vlm.hf.parameters()) / 1e6:.2f} M params, pool of {pool_scenes} "
+        f"scenes rendered in {time.perf_counter() - started:.1f} s")
+    sampler = Sampler(vlm, family, pool, seed)
+    decay = [p for n, p in vlm.hf.named_parameters() if p.dim() >= 2 and "embed" not in n]
+    rest = [p for n, p in vlm.hf.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.98), fused=False)
+    warmup = min(200, max(1, steps // 10)) if warmup is None else warmup
+    history = {"loss": [], "ce": [], "exit_ce": [], "evals": []}
+    vlm.hf.train()
+    t0 = time.perf_counter()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, lr, warmup)
+        loss, ce, exits = batch_loss(vlm, pool, sampler.draw(batch_size), exit_weight=exit_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vlm.hf.parameters(), 1.0)
+        opt.step()
+        history["loss"].append(float(loss.detach()))
+        history["ce"].append(float(ce))
+        history["exit_ce"].append([float(e) for e in exits])
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            window = history["ce"][-log_every:]
+            log(f"[{family}] step {step + 1}/{steps}  loss {float(loss.detach()):.4f}  answer ce {sum(window) / len(window):.4f}  "
+                f"exit ce {' '.join(f'{float(e):.2f}' for e in exits)}  lr {opt.param_groups[0]['lr']:.2e}  "
+                f"{time.perf_counter() - t0:.0f} s")
+        if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
+            result = evaluate_family(vlm, family, scenes_n=eval_scenes, seed=eval_seed)
+            history["evals"].append({"step": step + 1, **{m: r["accuracy"] for m, r in result.items()}})
+            log(f"[{family}] step {step + 1} eval accuracy " + " ".join(f"{m} {r['accuracy']:.3f}" for m, r in result.items()))
+    train_s = time.perf_counter() - t0
+    vlm.hf.eval()
+    result = {"family": family, "steps": steps, "seed": seed, "device": device, "batch_size": batch_size, "lr": lr,
+              "pool_scenes": pool_scenes, "exit_weight": exit_weight, "train_seconds": train_s, **history}
+    if eval_scenes:
+        result["eval"] = evaluate_family(vlm, family, scenes_n=eval_scenes, seed=eval_seed)
+        result["eval_seed"] = eval_seed
+        log(f"[{family}] final eval on {eval_scenes} scenes (eval seed {eval_seed}): " + "  ".join(
+            f"{m} {r['accuracy']:.3f} ({', '.join(f'{k} {v:.2f}' for k, v in r['per_kind'].items())})"
+            for m, r in result["eval"].items()))
+    if out is not None:
+        save_model(vlm, out)
+        (Path(out) / "vlopt_training.json").write_text(json.dumps(result, indent=1))
+        log(f"[{family}] saved to {out}")
+    result["model"] = vlm
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m vlopt.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("family", choices=FAMILIES)
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--out", default=None, help="folder to save the trained model in")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--pool-scenes", type=int, default=2000, help="training scenes rendered once up front")
+    p.add_argument("--exit-weight", type=float, default=0.5, help="weight of the early-exit loss")
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--eval-scenes", type=int, default=100)
+    p.add_argument("--eval-every", type=int, default=0)
+    p.add_argument("--eval-seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--workers", type=int, default=1, help="processes rendering the pool")
+    a = p.parse_args(argv)
+    result = train(a.family, steps=a.steps, seed=a.seed, device=a.device, out=a.out, batch_size=a.batch_size,
+                   lr=a.lr, pool_scenes=a.pool_scenes, exit_weight=a.exit_weight, log_every=a.log_every,
+                   eval_scenes=a.eval_scenes, eval_every=a.eval_every, eval_seed=a.eval_seed, threads=a.threads,
+                   workers=a.workers)
+    return 0 if result else 1
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sys.exit(main())
