@@ -154,3 +154,35 @@ def write_slow_llama_tokenizer(folder: Path, *, legacy: bool, added: tuple[str, 
     if ids:
         (folder / "added_tokens.json").write_text(json.dumps(ids))
     return ids
+
+
+# In-memory LlavaForConditionalGeneration names → the hub's llava-hf names (transformers 4.x).
+_LLAVA_HUB = [("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
+              ("model.vision_tower.", "vision_tower.vision_model."),
+              ("model.multi_modal_projector.", "multi_modal_projector.")]
+
+
+def write_llava(hf, folder: Path, *, keys: str, legacy_tokenizer: bool = False) -> Path:
+    """A `LlavaForConditionalGeneration` folder with the slow LLaMA tokenizer (`<image>`, `<pad>` added
+    as llava-hf adds them). `keys`: "saved" (transformers' own save_pretrained, as it writes them),
+    "hub" (the llava-hf repository's transformers-4.x names, `vision_tower.vision_model.*`) or
+    "modules" (the in-memory module names, `model.language_model.*`)."""
+    folder = Path(folder)
+    hf.save_pretrained(str(folder))
+    if keys != "saved":
+        for f in folder.glob("*.safetensors"):
+            f.unlink()
+        state = {}
+        for k, v in hf.state_dict().items():
+            for new, old in (_LLAVA_HUB if keys == "hub" else []):
+                if k.startswith(new):
+                    k = old + k[len(new):]
+                    break
+            state[k] = v.detach().clone().contiguous()
+        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        if keys == "hub":
+            cfg = json.loads((folder / "config.json").read_text())
+            cfg["transformers_version"] = "4.36.0.dev0"
+            (folder / "config.json").write_text(json.dumps(cfg))
+    write_slow_llama_tokenizer(folder, legacy=legacy_tokenizer, added=("<image>", "<pad>"), pad="<pad>")
+    return folder

@@ -54,19 +54,31 @@ def saved_dtypes(folder: Path) -> dict:
     return out
 
 
+def from_pretrained_strict(cls, folder: Path, **kwargs):
+    """`cls.from_pretrained`, refusing a folder whose weights leave modules uninitialised or hold
+    tensors the model has no place for (transformers only warns and fills missing ones randomly)."""
+    model, info = cls.from_pretrained(str(folder), output_loading_info=True, **kwargs)
+    missing, unexpected = sorted(info.get("missing_keys", ())), sorted(info.get("unexpected_keys", ()))
+    if missing or unexpected:
+        raise VloptError(f"{folder}: the weights do not match {cls.__name__}: "
+                         f"missing {missing[:5]}{'…' if len(missing) > 5 else ''}, "
+                         f"unexpected {unexpected[:5]}{'…' if len(unexpected) > 5 else ''}")
+    return model
+
+
 def from_pretrained_keeping_dtypes(cls, folder: Path, *, dtype, **kwargs):
-    """`cls.from_pretrained`, but with `dtype=None` every tensor keeps the dtype it was saved in
+    """`from_pretrained_strict`, but with `dtype=None` every tensor keeps the dtype it was saved in
     (a bf16 decoder next to a float32 vision tower stays that way). transformers' "auto" casts the
     whole model to one dtype, so a mixed folder is loaded in float32 and narrowed tensor by tensor."""
     import torch
 
     if dtype is not None:
-        return cls.from_pretrained(str(folder), dtype=dtype, **kwargs)
+        return from_pretrained_strict(cls, folder, dtype=dtype, **kwargs)
     stored = saved_dtypes(folder)
     kinds = set(stored.values())
     if len(kinds) <= 1:
-        return cls.from_pretrained(str(folder), dtype=next(iter(kinds), "auto"), **kwargs)
-    model = cls.from_pretrained(str(folder), dtype=torch.float32, **kwargs)
+        return from_pretrained_strict(cls, folder, dtype=next(iter(kinds), "auto"), **kwargs)
+    model = from_pretrained_strict(cls, folder, dtype=torch.float32, **kwargs)
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
         want = stored.get(name)
         if want is not None and tensor.is_floating_point() and tensor.dtype != want and type(tensor.data) is torch.Tensor:
