@@ -69,8 +69,8 @@ def test_stage4_is_the_same_code_for_both_models(tiny_model):
 
 
 def test_unknown_model_and_preset_are_explained():
-    with pytest.raises(VloptError, match="unknown model 'llava'.*eventgpt"):
-        load_model("llava", device="cpu")
+    with pytest.raises(VloptError, match="unknown model 'llava-next'.*eventgpt"):
+        load_model("llava-next", device="cpu")
     with pytest.raises(VloptError, match="unknown preset '13b'"):
         load_model("eventgpt", preset="13b", device="cpu")
 
