@@ -16,8 +16,8 @@ CASES = [  # (gate name, pass chain, what is timed)
     ("feature_cache", [{"type": "feature_cache", "scope": "request"}], "stages"),
     ("int8", [{"type": "int8"}], "stage4"),
     ("int4", [{"type": "int4", "group_size": 32}], "stage4"),
-    ("int8_bitsandbytes", [{"type": "int8", "backend": "bitsandbytes"}], "stage4"),
-    ("int4_bitsandbytes", [{"type": "int4", "backend": "bitsandbytes", "compute_dtype": "float32"}], "stage4"),
+    ("int8_bitsandbytes", [{"type": "llm_int8"}], "stage4"),
+    ("int4_bitsandbytes", [{"type": "nf4", "compute_dtype": "float32"}], "stage4"),
     ("prune_visual", [{"type": "prune_visual", "keep": 0.5}], "stages"),
     ("prune_visual_fastv", [{"type": "prune_visual", "method": "fastv", "keep": 0.5}], "stage4"),
     ("layer_skip", [{"type": "layer_skip", "draft_layers": 2, "draft_tokens": 3}], "stage4"),
@@ -46,7 +46,7 @@ def measure(model, chain, what, *, gpu, rounds, benchmark=None, slow_down=None):
     import time
 
     from vlopt.bench import decode_step_bytes
-    from vlopt.decode import sync
+    from vlopt.stage4 import sync
     from vlopt.models import get_workload
 
     base_vlm, opt_vlm = _model(model, gpu), _model(model, gpu)
@@ -117,12 +117,17 @@ def test_an_injected_slowdown_fails_the_gate(bench_settings):
     import time
 
     def slow_down(vlm):
-        inner = vlm.engine._run_step
+        engine = vlm.decoding.engine
+        build = engine.compile_step
 
-        def slower(token, pos):
-            time.sleep(0.02)
-            return inner(token, pos)
-        vlm.engine._run_step = slower      # an instance attribute of this test's engine only
+        def slower_step(dec, pos):
+            step = build(dec, pos)
+
+            def slower(token, position):
+                time.sleep(0.02)
+                return step(token, position)
+            return slower
+        engine.compile_step = slower_step    # an instance attribute of this test's engine only
 
     base, optimized, _ = measure("eventgpt", [{"type": "fast_decode"}], "stage4", gpu=bench_settings["gpu"],
                                  rounds=3, slow_down=slow_down)

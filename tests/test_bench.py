@@ -94,7 +94,7 @@ def test_cli_models_json_lists_both_models():
 
 
 @pytest.mark.parametrize("args,message", [
-    (["bench", "--model", "llava"], "unknown model 'llava'"),
+    (["bench", "--model", "qwen_vl"], "unknown model 'qwen_vl'"),
     (["bench", "--preset", "70b"], "unknown preset '70b'"),
     (["bench", "--input", "/nonexistent/events.npz"], "does not exist"),
     (["bench", "--workload", "videollava"], "is for videollava, not eventgpt"),

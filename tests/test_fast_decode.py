@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from vlopt.decode import teacher_forced_logits
-from vlopt.engine import DecodeEngine
+from vlopt.engine import FastDecodeEngine
 from vlopt.models import get_workload
 from vlopt.plugins import get_registry
 from vlopt.testing import assert_fidelity, run_pass
@@ -21,7 +21,7 @@ def _rel(a, b):
 def test_engine_logits_equal_transformers_within_1e4(tiny_model, compile):
     inp = _inp(tiny_model)
     base = tiny_model.stage4(inp, new_tokens=12)
-    engine = DecodeEngine(compile=compile)
+    engine = FastDecodeEngine(compile=compile)
     result = engine.generate(tiny_model, inp, new_tokens=12)
     assert len(result.tokens) == 12 and result.info["compiled"] is compile
     assert result.info["cache_len"] >= inp.context_tokens + 12
@@ -38,17 +38,17 @@ def test_natural_length_stops_at_eos(eventgpt):
     with torch.no_grad():
         eventgpt.lm_head.weight[eos] = eventgpt.lm_head.weight.abs().max() * 50
     inp = _inp(eventgpt)
-    natural = DecodeEngine(compile=False, check_every=2).generate(eventgpt, inp, new_tokens=20, fixed=False).tokens
+    natural = FastDecodeEngine(compile=False, check_every=2).generate(eventgpt, inp, new_tokens=20, fixed=False).tokens
     assert natural[-1] == eos and eos not in natural[:-1] and len(natural) < 20
-    assert len(DecodeEngine(compile=False).generate(eventgpt, inp, new_tokens=20, fixed=True).tokens) == 20
+    assert len(FastDecodeEngine(compile=False).generate(eventgpt, inp, new_tokens=20, fixed=True).tokens) == 20
 
 
 def test_sampling_draws_from_the_distribution(eventgpt):
     inp = _inp(eventgpt)
     torch.manual_seed(0)
-    a = DecodeEngine(compile=False, temperature=1.0).generate(eventgpt, inp, new_tokens=16).tokens
-    b = DecodeEngine(compile=False, temperature=1.0).generate(eventgpt, inp, new_tokens=16).tokens
-    greedy = DecodeEngine(compile=False).generate(eventgpt, inp, new_tokens=16).tokens
+    a = FastDecodeEngine(compile=False, temperature=1.0).generate(eventgpt, inp, new_tokens=16).tokens
+    b = FastDecodeEngine(compile=False, temperature=1.0).generate(eventgpt, inp, new_tokens=16).tokens
+    greedy = FastDecodeEngine(compile=False).generate(eventgpt, inp, new_tokens=16).tokens
     assert a != b or a != greedy                      # randomness reaches the tokens
     assert all(0 <= t < eventgpt.lm_head.weight.shape[0] for t in a + b)
 
@@ -57,7 +57,7 @@ def test_sampling_draws_from_the_distribution(eventgpt):
 def test_fast_decode_through_the_manager_is_lossless_in_float32():
     row = run_pass({"type": "fast_decode"}, model="videollava")
     assert_fidelity(row, min_top1=1.0, max_kl=1e-8, exact_tokens=True)
-    assert row["stage4"]["engine"] == "fast_decode" and row["stage4"]["engine_info"]["compile_s"] > 0
+    assert row.stage4["engine"] == "fast_decode" and row.stage4["engine_info"]["compile_s"] > 0
 
 
 def test_a_weight_pass_after_fast_decode_rebuilds_the_step(eventgpt):
@@ -67,7 +67,7 @@ def test_a_weight_pass_after_fast_decode_rebuilds_the_step(eventgpt):
     tokens = eventgpt.stage4(inp, new_tokens=8).tokens
     # The engine sees the int8 weights: its logits equal the HF forward of the quantized model.
     ref = teacher_forced_logits(eventgpt, inp, tokens)
-    assert _rel(eventgpt.engine.score(eventgpt, inp, tokens), ref) < 1e-4
+    assert _rel(eventgpt.decoding.score(inp, tokens), ref) < 1e-4
     assert ref.argmax(-1).tolist() == tokens
 
 
@@ -77,14 +77,14 @@ def test_fused_projections_give_the_same_logits_and_fall_back_on_quantized_weigh
     ref = teacher_forced_logits(eventgpt, inp, base)
     get_registry().apply(eventgpt, {"type": "fast_decode", "compile": False, "fuse_projections": True})
     result = eventgpt.stage4(inp, new_tokens=8)
-    fused = eventgpt.engine.fused
+    fused = eventgpt.decoding.engine.fused
     assert fused is not None and fused[0][0].shape[0] == 3 * 64 and fused[0][1].shape[0] == 2 * 128
-    assert _rel(eventgpt.engine.score(eventgpt, inp, base), ref) < 1e-5
+    assert _rel(eventgpt.decoding.score(inp, base), ref) < 1e-5
     assert teacher_forced_logits(eventgpt, inp, result.tokens).argmax(-1).tolist() == result.tokens
     get_registry().apply(eventgpt, {"type": "int8"})       # quantized weights: the engine rebuilds, unfused
     tokens = eventgpt.stage4(inp, new_tokens=8).tokens
-    assert eventgpt.engine.fused is None
-    assert _rel(eventgpt.engine.score(eventgpt, inp, tokens), teacher_forced_logits(eventgpt, inp, tokens)) < 1e-4
+    assert eventgpt.decoding.engine.fused is None
+    assert _rel(eventgpt.decoding.score(inp, tokens), teacher_forced_logits(eventgpt, inp, tokens)) < 1e-4
 
 
 def test_fused_weights_are_views_and_save_as_ordinary_tensors(tmp_path):
@@ -106,4 +106,4 @@ def test_fused_weights_are_views_and_save_as_ordinary_tensors(tmp_path):
     tokens = loaded.stage4(inp, new_tokens=6).tokens        # the replayed engine fuses the loaded weights
     a = loaded.text_model.layers[0].self_attn
     assert a.q_proj.weight.untyped_storage().data_ptr() == a.v_proj.weight.untyped_storage().data_ptr()
-    assert _rel(loaded.engine.score(loaded, inp, tokens), teacher_forced_logits(fresh, inp, tokens)) < 1e-5
+    assert _rel(loaded.decoding.score(inp, tokens), teacher_forced_logits(fresh, inp, tokens)) < 1e-5

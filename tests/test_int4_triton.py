@@ -82,9 +82,9 @@ def test_triton_kernel_equals_the_dense_product_in_the_interpreter():
 def test_the_pass_installs_int4_modules_with_bounded_error(model):
     row = run_pass({"type": "int4", "kernel": "triton", "group_size": 32}, model=model)
     assert_fidelity(row, min_top1=0.5, max_kl=5e-3)
-    assert row["fidelity"]["mean_kl"] > 0
-    assert len(row["modules_touched"]) == 4 * 7 and "lm_head" in row["modules_skipped"]
-    assert any("dense rebuild" in n for n in row["notes"])
+    assert row.fidelity["mean_kl"] > 0
+    assert len(row.modules_touched) == 4 * 7 and "lm_head" in row.modules_skipped
+    assert any("dense rebuild" in n for n in row.notes)
 
 
 def test_modules_compute_the_rebuilt_weight_for_one_row_and_many(eventgpt):
@@ -105,12 +105,12 @@ def test_fast_decode_fuses_int4_codes_without_copying_them(eventgpt):
     registry.apply(eventgpt, {"type": "fast_decode", "compile": False})
     registry.apply(eventgpt, {"type": "int4", "kernel": "triton", "group_size": 32})
     tokens = eventgpt.stage4(inp, new_tokens=8).tokens
-    fused = eventgpt.engine.fused
+    fused = eventgpt.decoding.engine.fused
     assert fused is not None and all(isinstance(m, Int4Linear) for pair in fused for m in pair)
     attn = eventgpt.text_model.layers[0].self_attn
     assert attn.k_proj.codes.packed.untyped_storage().data_ptr() == fused[0][0].codes.packed.untyped_storage().data_ptr()
     ref = teacher_forced_logits(eventgpt, inp, tokens)                # the HF forward over the same Int4Linear
-    assert _rel(eventgpt.engine.score(eventgpt, inp, tokens), ref) < 1e-5
+    assert _rel(eventgpt.decoding.score(inp, tokens), ref) < 1e-5
     assert ref.argmax(-1).tolist() == tokens
 
 
@@ -121,12 +121,14 @@ def test_compiled_fast_decode_with_int4_modules_matches_the_hf_forward(videollav
     registry.apply(videollava, {"type": "int4", "kernel": "triton", "group_size": 32})
     registry.apply(videollava, {"type": "fast_decode"})
     tokens = videollava.stage4(inp, new_tokens=6).tokens
-    assert videollava.engine.fused is not None
+    assert videollava.decoding.engine.fused is not None
     ref = teacher_forced_logits(videollava, inp, tokens)
-    assert _rel(videollava.engine.score(videollava, inp, tokens), ref) < 1e-4
+    assert _rel(videollava.decoding.score(inp, tokens), ref) < 1e-4
     assert ref.argmax(-1).tolist() == tokens
 
 
 def test_kernel_belongs_to_the_torchao_backend(eventgpt):
-    with pytest.raises(VloptError, match="kernel.*torchao"):
+    with pytest.raises(VloptError, match="kernel.*torchao.*nf4"):
         get_registry().apply(eventgpt, {"type": "int4", "backend": "bitsandbytes", "kernel": "triton"})
+    with pytest.raises(VloptError, match="kernel"):       # bitsandbytes 4-bit has no kernel choice
+        get_registry().apply(eventgpt, {"type": "nf4", "kernel": "triton"})

@@ -25,20 +25,21 @@ def test_rows_carry_speedup_fidelity_and_modules(tmp_path):
     report = result.report
     assert set(report) >= {"baseline", "passes", "machine", "commit"}
     assert report["baseline"]["stage4"]["new_tokens"] == 6
-    first, second = report["passes"]
-    for row in (first, second):
+    for row in report["passes"]:
         for key in ("pass", "plugin", "plugin_version", "config", "status", "duration_s", "modules_touched",
                     "modules_skipped", "stage4", "speedup_vs_baseline", "speedup_vs_previous", "fidelity"):
             assert key in row, key
-        base, prev = report["baseline"]["stage4"]["stage4_ms"], first["stage4"]["stage4_ms"]
-        assert row["speedup_vs_baseline"] == pytest.approx(base / row["stage4"]["stage4_ms"])
-    assert second["speedup_vs_previous"] == pytest.approx(prev / second["stage4"]["stage4_ms"])
+    first, second = result.rows
+    for row in (first, second):
+        base, prev = report["baseline"]["stage4"]["stage4_ms"], first.stage4["stage4_ms"]
+        assert row.speedup_vs_baseline == pytest.approx(base / row.stage4["stage4_ms"])
+    assert second.speedup_vs_previous == pytest.approx(prev / second.stage4["stage4_ms"])
     # eager vs sdpa attention is the same math: fidelity is exact up to rounding.
     assert_fidelity(first, min_top1=1.0, max_kl=1e-9, exact_tokens=True)
     # bf16 changes numerics: close but not exact, and it is measured, not assumed.
-    assert second["fidelity"]["mean_kl"] > 0 and second["fidelity"]["top1_agreement"] > 0.5
-    assert "model.visual_tower" in second["modules_skipped"]
-    assert second["saved_as"] == "weights" and first["saved_as"] == "sidecar"
+    assert second.fidelity["mean_kl"] > 0 and second.fidelity["top1_agreement"] > 0.5
+    assert "model.visual_tower" in second.modules_skipped
+    assert second.saved_as == "weights" and first.saved_as == "sidecar"
     out = result.output
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "model.safetensors", "vlopt_recipe.yaml", "vlopt_report.json", "vlopt_report.md",
@@ -139,6 +140,7 @@ def test_plugins_and_passes_commands():
     rows = {r["type"]: r for r in json.loads(proc.stdout)}
     assert rows["attention"]["fields"]["implementation"]["default"] == "sdpa"
     assert rows["dtype"]["changes_weights"] is True and rows["attention"]["lossless"] is True
+    assert rows["dtype"]["persistence"] == "weights" and rows["nf4"]["persistence"] == "reapplied"
 
 
 def test_attention_flash_on_cpu_is_a_clear_error():

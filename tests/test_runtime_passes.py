@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from vlopt.decode import teacher_forced_logits
-from vlopt.engine import DecodeEngine
+from vlopt.engine import FastDecodeEngine
 from vlopt.errors import VloptError
 from vlopt.models import get_workload
 from vlopt.models.tokenizer import QUESTIONS
@@ -27,7 +27,7 @@ def test_layer_skip_gives_the_full_models_tokens_and_reports_acceptance(model):
     row = run_pass({"type": "layer_skip", "draft_layers": 3, "draft_tokens": 3}, model=model,
                    benchmark={"new_tokens": 16})
     assert_fidelity(row, min_top1=1.0, max_kl=0.0, exact_tokens=True)
-    info = row["stage4"]["engine_info"]
+    info = row.stage4["engine_info"]
     assert 0.0 <= info["acceptance_rate"] <= 1.0 and info["verify_forwards"] >= 1
     assert info["tokens_per_verify"] == pytest.approx(1 + info["acceptance_rate"] * 3, rel=0.25)
 
@@ -101,7 +101,7 @@ def test_request_cache_skips_stages_1_to_3_and_keeps_the_input_exact(model):
     tower.register_forward_hook(lambda *a: calls.append(1))
     _inp(vlm, "first question?")
     cached = _inp(vlm, "second question?")
-    assert len(calls) == 1 and vlm.vision.hits == 1 and vlm.vision.misses == 1
+    assert len(calls) == 1 and vlm.feature_store.hits == 1 and vlm.feature_store.misses == 1
     torch.testing.assert_close(cached.embeds, plain.embeds, rtol=0, atol=0)
 
 
@@ -115,18 +115,18 @@ def test_disk_cache_is_keyed_bounded_and_refuses_damage(tmp_path):
     # A second process (fresh cache object, same model) reads it instead of encoding.
     _apply(vlm, {"type": "feature_cache", "scope": "disk", "cache_dir": str(tmp_path)})
     torch.testing.assert_close(_inp(vlm).embeds, first.embeds, rtol=0, atol=0)
-    assert vlm.vision.hits == 1
+    assert vlm.feature_store.hits == 1
     # Damage: truncated file → ignored, rebuilt, and the result is still exact.
     files[0].write_bytes(files[0].read_bytes()[:100])
     torch.testing.assert_close(_inp(vlm).embeds, first.embeds, rtol=0, atol=0)
-    assert vlm.vision.rejected == 1
+    assert vlm.feature_store.rejected == 1
     # Another model's features (different fingerprint) are never used.
     other = load_model("videollava", preset="tiny", device="cpu")
     with torch.no_grad():
         other.hf.model.multi_modal_projector.linear_1.weight.add_(1.0)
     _apply(other, {"type": "feature_cache", "scope": "disk", "cache_dir": str(tmp_path)})
     _inp(other)
-    assert other.vision.hits == 0 and other.vision.rejected == 1
+    assert other.feature_store.hits == 0 and other.feature_store.rejected == 1
     # Size bound: many inputs with max 1 MB keep the folder under it.
     for i in range(30):
         np_path = tmp_path / f"in{i}.npy"
@@ -141,7 +141,7 @@ def test_disk_cache_is_keyed_bounded_and_refuses_damage(tmp_path):
 def test_prefix_scope_reuses_the_shared_prompt_kv(eventgpt):
     _apply(eventgpt, {"type": "fast_decode", "compile": False})
     _apply(eventgpt, {"type": "feature_cache", "scope": "prefix"})
-    fresh = DecodeEngine(compile=False)
+    fresh = FastDecodeEngine(compile=False)
     reused = []
     for q in QUESTIONS[:3]:
         inp = _inp(eventgpt, q, "eventgpt-10q")
@@ -163,9 +163,9 @@ def test_cls_attention_pruning(model, rows_after):
     # keep everything = the baseline (the vision tower now runs eager attention: rounding only)
     assert_fidelity(row_full, min_top1=1.0, max_kl=1e-9, exact_tokens=True)
     row = run_pass({"type": "prune_visual", "keep": 0.5}, model=model)
-    assert row["stage4"]["visual_tokens"] == rows_after
-    assert row["stage4"]["context_tokens"] == row_full["stage4"]["context_tokens"] - (
-        row_full["stage4"]["visual_tokens"] - rows_after)
+    assert row.stage4["visual_tokens"] == rows_after
+    assert row.stage4["context_tokens"] == row_full.stage4["context_tokens"] - (
+        row_full.stage4["visual_tokens"] - rows_after)
 
 
 def test_pruned_prefill_equals_a_hand_built_pruned_forward(videollava):
@@ -173,8 +173,8 @@ def test_pruned_prefill_equals_a_hand_built_pruned_forward(videollava):
     _apply(videollava, {"type": "prune_visual", "keep": 2})
     wl = get_workload("videollava")
     prepared = videollava.preprocess(videollava.load_input(None, wl), "What is here?", wl)
-    feats = videollava.features(prepared)
-    scores, groups = prepared["row_scores"], prepared["row_groups"]
+    visual = videollava.features(prepared)
+    feats, scores, groups = visual.rows, visual.cls_scores, visual.groups
     keep = []
     for g in range(8):   # by hand: CLS row plus the best-attended patch of each frame, in order
         rows = (groups == g).nonzero().flatten()
@@ -194,9 +194,9 @@ def test_pruned_prefill_equals_a_hand_built_pruned_forward(videollava):
 def test_fastv_keeping_everything_is_the_baseline(model):
     row = run_pass({"type": "prune_visual", "method": "fastv", "keep": 1.0}, model=model)
     assert_fidelity(row, min_top1=1.0, max_kl=0.0, exact_tokens=True)
-    info = row["stage4"]["engine_info"]["fastv"]
-    assert info["visual_before"] == info["visual_after"] == row["stage4"]["visual_tokens"]
-    assert info["context_after_layer"] == info["context"] == row["stage4"]["context_tokens"]
+    info = row.stage4["engine_info"]["fastv"]
+    assert info["visual_before"] == info["visual_after"] == row.stage4["visual_tokens"]
+    assert info["context_after_layer"] == info["context"] == row.stage4["context_tokens"]
 
 
 def _by_hand_fastv(vlm, embeds, spans, after_layer, n_keep):
@@ -234,9 +234,9 @@ def test_fastv_prefill_equals_a_hand_built_pruned_forward(model, attention, requ
     _apply(vlm, {"type": "prune_visual", "method": "fastv", "keep": n_keep, "after_layer": 2})
     with torch.no_grad():
         expected, keep = _by_hand_fastv(vlm, inp.embeds, inp.visual_spans, 2, n_keep)
-        with vlm.engine.fastv.armed(inp):
+        with vlm.decoding.wrapper("fastv").around(inp):
             got = vlm.hf(inputs_embeds=inp.embeds, attention_mask=inp.attention_mask).logits
-            kept = vlm.engine.fastv.kept
+            kept = vlm.decoding.wrapper("fastv").kept
     assert kept.tolist() == keep.tolist()
     assert got.shape[1] == inp.context_tokens - inp.visual_tokens + n_keep
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
@@ -249,14 +249,14 @@ def test_fastv_cached_decode_equals_a_pruned_recompute(videollava, attention):
     _apply(videollava, {"type": "attention", "implementation": attention})
     _apply(videollava, {"type": "prune_visual", "method": "fastv", "keep": 0.25})
     inp = _inp(videollava)
-    with torch.no_grad(), videollava.engine.fastv.armed(inp):
+    with torch.no_grad(), videollava.decoding.wrapper("fastv").around(inp):
         out = videollava.hf.generate(inputs_embeds=inp.embeds, attention_mask=inp.attention_mask, max_new_tokens=6,
                                      min_new_tokens=6, do_sample=False, output_logits=True,
                                      return_dict_in_generate=True, pad_token_id=0)
         cache_lengths = [layer.keys.shape[2] for layer in out.past_key_values.layers]
     stepwise = torch.cat(out.logits).float()
     tokens = out.sequences[0].tolist()
-    recomputed = videollava.engine.score(videollava, inp, tokens)
+    recomputed = videollava.decoding.score(inp, tokens)
     torch.testing.assert_close(stepwise, recomputed, rtol=1e-4, atol=1e-4)
     pruned = inp.visual_tokens - math.ceil(0.25 * inp.visual_tokens)
     assert cache_lengths[:2] == [inp.context_tokens + 5] * 2

@@ -33,10 +33,10 @@ def _worker(rank, size, port, model, out_dir):
         # fastv's hooks stay inert outside its engine, so the plain comparison below is unaffected;
         # sharded, each rank sees half the heads and the ranking all-reduces their attention.
         get_registry().apply(vlm, {"type": "prune_visual", "method": "fastv", "keep": 0.3})
-        single_fastv = vlm.engine.score(vlm, inp, tokens)
+        single_fastv = vlm.decoding.score(inp, tokens)
         outcome = get_registry().apply(vlm, {"type": "tensor_parallel", "size": size})
         sharded = teacher_forced_logits(vlm, inp, tokens)
-        sharded_fastv = vlm.engine.score(vlm, inp, tokens)
+        sharded_fastv = vlm.decoding.score(inp, tokens)
         q = vlm.text_model.layers[0].self_attn.q_proj.weight
         torch.save({"single": single, "sharded": sharded,
                     "single_fastv": single_fastv, "sharded_fastv": sharded_fastv, "q_rows": q.shape[0],
@@ -76,9 +76,9 @@ def _fast_decode_worker(rank, size, port, out_dir):
         get_registry().apply(vlm, {"type": "tensor_parallel", "size": size})
         get_registry().apply(vlm, {"type": "fast_decode"})      # compiled; the all-reduce is in the graph
         result = vlm.stage4(inp, new_tokens=8)
-        torch.save({"single": single, "engine": vlm.engine.score(vlm, inp, tokens), "tokens": tokens,
-                    "engine_tokens": result.tokens, "heads": vlm.engine.n_heads,
-                    "fused": vlm.engine.fused is not None, "compile_s": result.info["compile_s"]},
+        torch.save({"single": single, "engine": vlm.decoding.score(inp, tokens), "tokens": tokens,
+                    "engine_tokens": result.tokens, "heads": vlm.decoding.engine.decoder.n_heads,
+                    "fused": vlm.decoding.engine.fused is not None, "compile_s": result.info["compile_s"]},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

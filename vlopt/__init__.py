@@ -43,5 +43,5 @@ def load_model(*args, **kwargs):
 
 def load(path, *, device: str = "auto"):
     """Load a directory written by `vlopt apply`: weights, then runtime passes re-applied."""
-    from vlopt.checkpoint import load_optimized
+    from vlopt.manager import load_optimized
     return load_optimized(path, device=device)

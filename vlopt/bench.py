@@ -9,14 +9,12 @@ and peak memory reported apart.
 from __future__ import annotations
 
 import statistics
-import time
-from contextlib import contextmanager
 
 import torch
 
-from vlopt.decode import sync
-from vlopt.models.base import Workload
+from vlopt.models import Workload
 from vlopt.models.tokenizer import DEFAULT_QUESTION
+from vlopt.stage4 import Stopwatch
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
@@ -61,24 +59,11 @@ def _spread(values: list[float]) -> dict:
 def run_sample(vlm, workload: Workload, *, input_path: str | None, new_tokens: int, fixed: bool,
                question: str = DEFAULT_QUESTION) -> dict:
     """One pass through stages 1–4 with every stage timed after a device sync."""
-    times: dict[str, float] = {}
-
-    @contextmanager
-    def timer(stage: str):
-        sync(vlm.device)
-        start = time.perf_counter()
-        yield
-        sync(vlm.device)
-        times[stage] = times.get(stage, 0.0) + time.perf_counter() - start
-
-    inp = vlm.run_stages(input_path, workload, question, timer)
-    for stage in ("1", "2", "3"):
-        times.setdefault(stage, 0.0)
-    sync(vlm.device)
-    start = time.perf_counter()
-    result = vlm.stage4(inp, new_tokens=new_tokens, fixed=fixed)
-    sync(vlm.device)
-    times["4"] = time.perf_counter() - start
+    watch = Stopwatch(vlm.device)
+    inp = vlm.run_stages(input_path, workload, question, watch.phase)
+    with watch.phase("4"):
+        result = vlm.stage4(inp, new_tokens=new_tokens, fixed=fixed)
+    times = {stage: watch.seconds[stage] for stage in ("1", "2", "3", "4")}
     return {"times": times, "result": result, "context_tokens": inp.context_tokens,
             "visual_tokens": inp.visual_tokens}
 
@@ -127,7 +112,7 @@ def benchmark(vlm, workload: Workload, *, samples: int = 3, warmup: int = 1, new
         "stage4_ms": stages["4"]["median_ms"],
         "share_of_total": stages["4"]["median_ms"] / total if total else None,
         "peak_mem_mb": peak_mb, "peak_mem_kind": peak_kind,
-        "engine": getattr(vlm.engine, "name", type(vlm.engine).__name__),
+        "engine": vlm.decoding.name,
         "engine_info": runs[-1]["result"].info,
     }
     return {

@@ -1,4 +1,5 @@
-"""Optimized checkpoints: written whole or not at all, verified by a sha256 manifest written last.
+"""Optimized checkpoints, I/O only: written whole or not at all, verified by a sha256 manifest written
+last. (Which passes are replayed on load is the manager's: `vlopt.manager.load_optimized`.)
 
 Layout: what `save_pretrained` writes (safetensors only) and the tokenizer; `vlopt_recipe.yaml` (the
 resolved recipe, with plugin versions and which passes to re-apply on load); the three report
@@ -186,23 +187,15 @@ def verify(folder: Path) -> list[str]:
     return problems
 
 
-def load_optimized(folder, *, device: str = "auto"):
-    """Load a `vlopt apply` output: verified weights, then the runtime passes re-applied in order."""
+def read_output(folder) -> dict:
+    """The saved recipe of a verified, complete `vlopt apply` output (what `vlopt.load` replays)."""
     import yaml
-
-    from vlopt.models import load_model
-    from vlopt.plugins import get_registry
 
     folder = Path(folder)
     problems = verify(folder)
     if problems:
         raise VloptError(f"{folder} fails verification: " + "; ".join(problems))
     manifest = json.loads((folder / MANIFEST).read_text())
-    recipe = yaml.safe_load((folder / RECIPE).read_text())
     if not manifest.get("complete"):
         raise VloptError(f"{folder} holds the report of a run that failed; it has no weights to load")
-    vlm = load_model(path=str(folder), dtype="saved", device=device)
-    registry = get_registry()
-    for index in recipe.get("replay", []):
-        registry.apply(vlm, {k: v for k, v in recipe["passes"][index].items() if not k.startswith("_")})
-    return vlm
+    return yaml.safe_load((folder / RECIPE).read_text())

@@ -1,43 +1,11 @@
-"""Stage 4: decoding from `Stage4Input`. The baseline engine is plain transformers `generate()`.
-
-An engine has two methods: `generate` (time and produce tokens) and `score` (teacher-forced logits of
-given tokens, for fidelity). Engine passes (fast_decode, layer_skip, early_stop) replace
-`VLModel.engine` with their own object of the same shape.
-"""
+"""The baseline engine: plain transformers `generate()`, greedy, dynamic cache — what every pass
+is compared to — and teacher-forced scoring through the model's own forward."""
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
-
 import torch
 
-
-def sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@dataclass
-class StopRule:
-    """End the answer early: force EOS once P(EOS) ≥ `eos_threshold`, and/or after `max_sentences`
-    sentence-ending tokens. Honoured by every engine in natural-length mode."""
-
-    eos_threshold: float | None = None
-    max_sentences: int | None = None
-    sentence_end_ids: tuple[int, ...] = ()
-
-    def sentences_done(self, tokens: list[int]) -> int | None:
-        """Index after which the sentence budget is spent, or None."""
-        if not self.max_sentences:
-            return None
-        seen = 0
-        for i, t in enumerate(tokens):
-            if t in self.sentence_end_ids:
-                seen += 1
-                if seen >= self.max_sentences:
-                    return i
-        return None
+from vlopt.stage4 import TRANSFORMERS_FORWARD, StopRule, Stage4Result, Stopwatch
 
 
 class _StopRuleProcessor:
@@ -60,30 +28,17 @@ class _StopRuleProcessor:
         return scores
 
 
-@dataclass
-class Stage4Result:
-    tokens: list[int]          # the new tokens only
-    prefill_s: float           # prompt forward → first token
-    decode_s: float            # every later token
-    info: dict = field(default_factory=dict)   # engine-specific (acceptance rate, kernel, …)
-
-    @property
-    def total_s(self) -> float:
-        return self.prefill_s + self.decode_s
-
-
-class _StepClock:
-    """A `generate(streamer=...)` object that timestamps each emitted token after a device sync.
+class _FirstToken:
+    """A `generate(streamer=...)` object that ends the stopwatch's prefill lap at the first new token.
     transformers calls `put` once with the (empty, for inputs_embeds) prompt, then once per token."""
 
-    def __init__(self, device):
-        self.device = device
-        self.stamps: list[float] = []
+    def __init__(self, watch: Stopwatch):
+        self.watch, self.seen = watch, False
 
     def put(self, value):
-        if value.numel():
-            sync(self.device)
-            self.stamps.append(time.perf_counter())
+        if value.numel() and not self.seen:
+            self.seen = True
+            self.watch.lap("prefill")
 
     def end(self):
         pass
@@ -93,28 +48,30 @@ class HFGenerate:
     """transformers `generate()`, greedy, dynamic cache: the plain baseline every pass is compared to."""
 
     name = "hf_generate"
+    capabilities = frozenset({TRANSFORMERS_FORWARD})
 
     def __init__(self, **generate_kwargs):
         self.generate_kwargs = generate_kwargs   # e.g. cache_implementation="static" for the peer
 
     @torch.no_grad()
     def generate(self, vlm, inp, *, new_tokens: int, fixed: bool = True) -> Stage4Result:
-        clock = _StepClock(vlm.device)
+        """A fixed budget is `min_new_tokens == max_new_tokens` (EOS masked until then); natural
+        length stops at EOS (kept as the last token) or where the model's stop rule says."""
         extra = dict(self.generate_kwargs)
-        if vlm.stop_rule is not None and not fixed:
+        rule = vlm.decoding.stop_rule
+        if rule is not None and not fixed:
             from transformers import LogitsProcessorList
-            extra["logits_processor"] = LogitsProcessorList([_StopRuleProcessor(vlm.stop_rule, vlm.eos_token_id, 0)])
-        sync(vlm.device)
-        start = time.perf_counter()
+            extra["logits_processor"] = LogitsProcessorList([_StopRuleProcessor(rule, vlm.eos_token_id, 0)])
+        watch = Stopwatch(vlm.device)
+        first = _FirstToken(watch)
+        watch.start()
         out = vlm.hf.generate(
             inputs_embeds=inp.embeds, attention_mask=inp.attention_mask, max_new_tokens=new_tokens,
             min_new_tokens=new_tokens if fixed else 0, do_sample=False, num_beams=1,
             pad_token_id=vlm.tokenizer.pad_token_id, eos_token_id=vlm.eos_token_id,
-            streamer=clock, **extra)
-        sync(vlm.device)
-        end = time.perf_counter()
-        first = clock.stamps[0] if clock.stamps else end
-        return Stage4Result(out[0].tolist(), first - start, end - first)
+            streamer=first, **extra)
+        watch.lap("decode")
+        return Stage4Result(out[0].tolist(), watch.seconds["prefill"], watch.seconds["decode"])
 
     @torch.no_grad()
     def score(self, vlm, inp, tokens: list[int]) -> torch.Tensor:

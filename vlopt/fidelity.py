@@ -29,14 +29,14 @@ def _inputs(vlm, workload, input_path):
 def reference(vlm, workload, *, input_path=None, new_tokens: int) -> Reference:
     inp = _inputs(vlm, workload, input_path)
     tokens = vlm.stage4(inp, new_tokens=new_tokens, fixed=True).tokens
-    return Reference(tokens, vlm.engine.score(vlm, inp, tokens))
+    return Reference(tokens, vlm.decoding.score(inp, tokens))
 
 
 @torch.no_grad()
 def compare(vlm, ref: Reference, workload, *, input_path=None, fixed: bool = True) -> dict:
     inp = _inputs(vlm, workload, input_path)
     own = vlm.stage4(inp, new_tokens=len(ref.tokens), fixed=fixed).tokens
-    logits = vlm.engine.score(vlm, inp, ref.tokens)
+    logits = vlm.decoding.score(inp, ref.tokens)
     n = min(len(logits), len(ref.tokens))
     base = ref.logits[:n]
     vocab = min(base.shape[-1], logits.shape[-1])   # a resized head compares on the shared rows

@@ -6,9 +6,17 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from vlopt.errors import VloptError
+
+
+# How a pass's effect survives `vlopt apply` → `vlopt.load` (the pass declares one):
+WEIGHTS = "weights"        # its result is in the saved weights (dtype, torchao int8)
+RUNTIME = "runtime"        # no weight changes; re-applied on load from the saved recipe (fast_decode, …)
+REAPPLIED = "reapplied"    # changes weights the checkpoint cannot hold: the weights from before it are
+                           # saved, and it (with every pass after it) is re-applied on load (int4, nf4, …)
+PERSISTENCE = (WEIGHTS, RUNTIME, REAPPLIED)
 
 
 class PassConfig(BaseModel):
@@ -18,10 +26,24 @@ class PassConfig(BaseModel):
 
     type: str
     version: ClassVar[str] = "1"
-    changes_weights: ClassVar[bool] = False   # True: its effect is in the saved weights
+    persistence: ClassVar[str] = RUNTIME      # WEIGHTS | RUNTIME | REAPPLIED
     lossless: ClassVar[bool] = False          # True: the outputs are the baseline's (same numerics)
     deterministic: ClassVar[bool] = True      # False: two applications may give different weights
     why_nondeterministic: ClassVar[str] = ""
+    once: ClassVar[bool] = False              # True: may appear once in a recipe
+    moved: ClassVar[dict[str, str]] = {}      # a key this pass no longer takes → what to write instead
+
+    @classmethod
+    def changes_weights(cls) -> bool:
+        return cls.persistence != RUNTIME
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_moved_keys(cls, data):
+        for key, instead in cls.moved.items():
+            if isinstance(data, dict) and key in data:
+                raise ValueError(f"`{key}` is not a {cls.model_fields['type'].default} field: {instead}")
+        return data
 
 
 class ModuleSelection(PassConfig):
@@ -42,11 +64,12 @@ class PassContext:
 
 @dataclass
 class PassOutcome:
+    """What `apply` reports: module names touched and left alone, notes for a person, and `info`
+    (JSON-able facts: a kernel chosen, a rank)."""
+
     touched: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    # "weights": saved in the checkpoint; "sidecar": re-applied from the recipe on load
-    saved_as: str = "sidecar"
     info: dict = field(default_factory=dict)
 
 

@@ -112,7 +112,7 @@ def _load(eps) -> tuple[list[tuple[str, str | None, list]], list[PluginInfo]]:
 
 def build_registry(extra: list[tuple[str, Any]] = ()) -> Registry:
     """Load the entry points (plus `extra` (name, plugin object) pairs) and collect registrations."""
-    from vlopt.passes import PassConfig
+    from vlopt.passes import PERSISTENCE, PassConfig
 
     eps = _entry_points()
     if not any(_is_builtin(ep) for ep in eps):
@@ -149,6 +149,10 @@ def build_registry(extra: list[tuple[str, Any]] = ()) -> Registry:
                                  "that is an identifier")
             if not callable(apply):
                 raise VloptError(f"plugin '{_name}': apply for pass '{type_name}' is not callable")
+            if isinstance(getattr(config, "changes_weights", None), bool) or hasattr(config, "saved_as") \
+                    or config.persistence not in PERSISTENCE:
+                raise VloptError(f"plugin '{_name}': pass '{type_name}' must declare `persistence` as one of "
+                                 f"{', '.join(PERSISTENCE)} (vlopt.passes), not changes_weights / saved_as")
             if type_name in passes:
                 raise VloptError(f"pass type '{type_name}' is registered by both plugin "
                                  f"'{passes[type_name].plugin}' and plugin '{_name}'; uninstall one or "

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from vlopt.rows import PassRow
+
 
 def _fmt(v, spec=".2f", none="–"):
     return none if v is None else format(v, spec)
@@ -23,26 +25,29 @@ def markdown(report: dict) -> str:
     if s4:
         lines.append(f"| baseline | measured | {s4['stage4_ms']:.1f} | {s4['prefill_ms']:.1f} | {_fmt(s4['tokens_per_s'], '.1f')} "
                      f"| {_fmt(s4['gb_per_s'])} | {s4['peak_mem_mb']:.0f} | 1.00 | – | 1.000 | 0 | – | – |")
-    for row in report["passes"]:
-        st = row.get("stage4") or {}
-        fid = row.get("fidelity") or {}
-        mods = f"{len(row.get('modules_touched', []))} touched, {len(row.get('modules_skipped', []))} skipped"
+    rows = [PassRow.from_dict(r) for r in report["passes"]]
+    for row in rows:
+        st = row.stage4 or {}
+        fid = row.fidelity or {}
+        mods = f"{len(row.modules_touched)} touched, {len(row.modules_skipped)} skipped"
         lines.append(
-            f"| {row['pass']} | {row['status']} | {_fmt(st.get('stage4_ms'), '.1f')} | {_fmt(st.get('prefill_ms'), '.1f')} "
+            f"| {row.pass_type} | {row.status} | {_fmt(st.get('stage4_ms'), '.1f')} | {_fmt(st.get('prefill_ms'), '.1f')} "
             f"| {_fmt(st.get('tokens_per_s'), '.1f')} | {_fmt(st.get('gb_per_s'))} | {_fmt(st.get('peak_mem_mb'), '.0f')} "
-            f"| {_fmt(row.get('speedup_vs_baseline'))} | {_fmt(row.get('speedup_vs_previous'))} "
+            f"| {_fmt(row.speedup_vs_baseline)} | {_fmt(row.speedup_vs_previous)} "
             f"| {_fmt(fid.get('top1_agreement'), '.3f')} | {_fmt(fid.get('mean_kl'), '.2e')} "
             f"| {_fmt(fid.get('first_divergence'), 'd', 'never')} | {mods} |")
     lines.append("")
-    for row in report["passes"]:
-        lines.append(f"- **{row['pass']}** ({row['plugin']} {row.get('plugin_version') or ''}): {row['status']}"
-                     + (f" — {row['error']}" if row.get("error") else ""))
-        for note in row.get("notes", []):
+    for row in rows:
+        lines.append(f"- **{row.pass_type}** ({row.plugin} {row.plugin_version or ''}): {row.status}"
+                     + (f" — {row.error}" if row.error else ""))
+        for note in row.notes:
             lines.append(f"  - {note}")
-        if row.get("modules_skipped"):
-            shown = ", ".join(row["modules_skipped"][:6]) + (" …" if len(row["modules_skipped"]) > 6 else "")
+        if row.modules_skipped:
+            shown = ", ".join(row.modules_skipped[:6]) + (" …" if len(row.modules_skipped) > 6 else "")
             lines.append(f"  - left untouched: {shown}")
-        lines.append(f"  - in the checkpoint: {'saved weights' if row.get('saved_as') == 'weights' else 're-applied from the recipe on load'}")
+        if row.quality is not None and row.quality.not_measured:
+            lines.append(f"  - quality: {row.quality.not_measured}")
+        lines.append(f"  - in the checkpoint: {'saved weights' if row.saved_as == 'weights' else 're-applied from the recipe on load'}")
     lines.append("")
     lines.append("Speedups are stage-4 time ratios measured in this run against the baseline model. "
                  "Fidelity is teacher-forced on the baseline's greedy output (top-1 agreement, mean "
@@ -61,11 +66,11 @@ def chart(report: dict, path: Path) -> None:
         labels.append("baseline")
         values.append(report["baseline"]["stage4"]["stage4_ms"])
         texts.append("1.00×")
-    for row in report["passes"]:
-        if row.get("stage4"):
-            labels.append(row["pass"])
-            values.append(row["stage4"]["stage4_ms"])
-            texts.append(f"{row['speedup_vs_baseline']:.2f}×")
+    for row in map(PassRow.from_dict, report["passes"]):
+        if row.stage4:
+            labels.append(row.pass_type)
+            values.append(row.stage4["stage4_ms"])
+            texts.append(f"{row.speedup_vs_baseline:.2f}×")
     fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(labels) + 2), 3.5), dpi=100)
     bars = ax.bar(range(len(values)), values, color=["#888"] + ["#3a7"] * (len(values) - 1))
     for bar, text in zip(bars, texts):

@@ -2,7 +2,7 @@
 
     from vlopt.testing import run_pass, assert_fidelity, temporary_plugin
 
-    row = run_pass({"type": "my_pass", "k": 2}, model="videollava")
+    row = run_pass({"type": "my_pass", "k": 2}, model="videollava")   # a vlopt.rows.PassRow
     assert_fidelity(row, min_top1=0.95, max_kl=1e-3)
 """
 
@@ -37,9 +37,9 @@ def run_recipe(recipe: dict, tmp_dir: str | Path, *, output: bool = False, conti
 
 
 def run_pass(pass_config: dict, *, model: str = "eventgpt", tmp_dir: str | Path | None = None,
-             benchmark: dict | None = None) -> dict:
-    """Apply one pass to a tiny model through the real manager; return its report row (status,
-    speedup_vs_baseline, fidelity, modules touched/skipped, …). Raises if the pass failed."""
+             benchmark: dict | None = None):
+    """Apply one pass to a tiny model through the real manager; return its `vlopt.rows.PassRow`
+    (status, speedup_vs_baseline, fidelity, modules touched/skipped, …). Raises if the pass failed."""
     import tempfile
 
     recipe = {"model": {"name": model, "preset": "tiny", "dtype": "float32", "device": "cpu"},
@@ -47,15 +47,15 @@ def run_pass(pass_config: dict, *, model: str = "eventgpt", tmp_dir: str | Path 
     with contextlib.ExitStack() as stack:
         folder = tmp_dir or stack.enter_context(tempfile.TemporaryDirectory())
         result = run_recipe(recipe, folder)
-    row = result.report["passes"][0]
-    if row["status"] != "applied":
-        raise AssertionError(f"pass {pass_config['type']} {row['status']}: {row.get('error')}")
+    row = result.rows[0]
+    if not row.applied:
+        raise AssertionError(f"pass {pass_config['type']} {row.status}: {row.error}")
     return row
 
 
-def assert_fidelity(row: dict, *, min_top1: float = 1.0, max_kl: float = 1e-6, exact_tokens: bool = False) -> None:
-    """Fail with a readable message when a pass's fidelity is below the thresholds."""
-    fid = row["fidelity"]
+def assert_fidelity(row, *, min_top1: float = 1.0, max_kl: float = 1e-6, exact_tokens: bool = False) -> None:
+    """Fail with a readable message when a pass's fidelity (a `PassRow`'s) is below the thresholds."""
+    fid = row.fidelity
     problems = []
     if fid["top1_agreement"] < min_top1:
         problems.append(f"top-1 agreement {fid['top1_agreement']:.4f} < {min_top1}")
@@ -64,7 +64,7 @@ def assert_fidelity(row: dict, *, min_top1: float = 1.0, max_kl: float = 1e-6, e
     if exact_tokens and fid["first_divergence"] is not None:
         problems.append(f"greedy output diverges at token {fid['first_divergence']}")
     if problems:
-        raise AssertionError(f"pass {row['pass']}: " + "; ".join(problems))
+        raise AssertionError(f"pass {row.pass_type}: " + "; ".join(problems))
 
 
 @contextlib.contextmanager

@@ -392,3 +392,18 @@ def graph_ms(calls: list, replays: int = 10) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end) / len(calls))
     return sorted(times)[len(times) // 2]
+
+
+class PackedLinear(torch.nn.Linear):
+    """A Linear whose weight torchao tile-packed for tinygemm, which keeps the same 4-bit values in
+    vlopt's layout as well: `prefill_weight()` (the engine's `DensePrefill`) rebuilds the dense
+    weight from them, which torchao cannot do from the tile-packed layout."""
+
+    def __init__(self, linear: torch.nn.Linear, codes: Int4Codes):
+        torch.nn.Module.__init__(self)          # the weight is linear's, already quantized: allocate none
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+        self.codes = codes
+
+    def prefill_weight(self) -> torch.Tensor:
+        return self.codes.dense()

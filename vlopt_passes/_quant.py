@@ -1,7 +1,8 @@
-"""Shared by the `int8` and `int4` passes: decoder Linear selection and the two backends.
+"""Shared by the quantization passes: decoder Linear selection and the two libraries.
 
-torchao is the speed path (weight-only int8/int4 kernels that torch.compile fuses); bitsandbytes is
-the memory path (LLM.int8 and NF4/FP4): at batch 1 it is slower than bf16, and the report says so.
+torchao is the speed path (`int8`, `int4`: weight-only kernels that torch.compile fuses);
+bitsandbytes is the memory path (`llm_int8`, `nf4`, `fp4`): at batch 1 it is slower than bf16, and
+the report says so.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from vlopt.errors import VloptError
 from vlopt.passes import PassOutcome, select_modules
 
 BNB_NOTE = ("bitsandbytes is a memory pass: at batch 1 its kernels are slower than bf16 "
-            "(see the stage-4 column); use backend torchao for speed")
+            "(see the stage-4 column); use int8 / int4 (torchao) for speed")
 
 
 def _linears(vlm, cfg):
@@ -24,11 +25,18 @@ def _linears(vlm, cfg):
     return chosen, skipped
 
 
+def replace_module(vlm, name: str, module) -> None:
+    """Put `module` where the qualified name `name` is in `vlm.hf`."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(vlm.hf.get_submodule(parent_name) if parent_name else vlm.hf, child, module)
+
+
 def torchao_quantize(vlm, cfg, ao_config, *, serializable: bool, notes: list[str]) -> PassOutcome:
+    """`quantize_` the selected Linears; `serializable`: make transformers save them quantized."""
     try:
         from torchao.quantization import quantize_
     except ImportError:
-        raise VloptError(f"{cfg.type} backend torchao needs torchao: pip install 'vlopt[quant]'") from None
+        raise VloptError(f"{cfg.type} needs torchao: pip install 'vlopt[quant]'") from None
     chosen, skipped = _linears(vlm, cfg)
     names = {n for n, _ in chosen}
     quantize_(vlm.hf, ao_config, filter_fn=lambda module, fqn: fqn in names)
@@ -41,8 +49,7 @@ def torchao_quantize(vlm, cfg, ao_config, *, serializable: bool, notes: list[str
         qc = TorchAoConfig(ao_config, modules_to_not_convert=others)
         vlm.hf.config.quantization_config = qc
         vlm.hf.hf_quantizer = AutoHfQuantizer.from_config(qc)
-    return PassOutcome(touched=sorted(names), skipped=skipped, notes=notes,
-                       saved_as="weights" if serializable else "sidecar")
+    return PassOutcome(touched=sorted(names), skipped=skipped, notes=notes)
 
 
 def bnb_replace(vlm, cfg, make) -> PassOutcome:
@@ -50,11 +57,9 @@ def bnb_replace(vlm, cfg, make) -> PassOutcome:
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise VloptError(f"{cfg.type} backend bitsandbytes needs bitsandbytes: pip install 'vlopt[quant]'") from None
+        raise VloptError(f"{cfg.type} needs bitsandbytes: pip install 'vlopt[quant]'") from None
     chosen, skipped = _linears(vlm, cfg)
     for name, linear in chosen:
-        parent_name, _, child = name.rpartition(".")
-        parent = vlm.hf.get_submodule(parent_name) if parent_name else vlm.hf
-        setattr(parent, child, make(linear).to(linear.weight.device))
-    return PassOutcome(touched=[n for n, _ in chosen], skipped=skipped, saved_as="sidecar",
+        replace_module(vlm, name, make(linear).to(linear.weight.device))
+    return PassOutcome(touched=[n for n, _ in chosen], skipped=skipped,
                        notes=[BNB_NOTE, "the checkpoint keeps the unquantized weights; the pass is re-applied on load"])

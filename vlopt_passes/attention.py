@@ -11,6 +11,7 @@ from typing import ClassVar, Literal
 from vlopt.errors import VloptError
 from vlopt.hookspecs import hookimpl
 from vlopt.passes import PassConfig, PassOutcome
+from vlopt.stage4 import TRANSFORMERS_FORWARD, Wrapper
 
 
 class Config(PassConfig):
@@ -30,31 +31,25 @@ def apply(vlm, cfg: Config, ctx) -> PassOutcome:
             impl, kernel = "flash_attention_2", "flash_attention_2 (flash-attn package)"
         else:
             impl, kernel = "sdpa", "sdpa restricted to the flash kernel (flash-attn not installed)"
-            _force_sdpa_flash(vlm)
+            vlm.decoding.wrap(SdpaFlashOnly())
     vlm.text_model.config._attn_implementation = impl
     return PassOutcome(touched=[f"{vlm.decoder_prefix}.layers.*.self_attn"], skipped=list(vlm.vision_modules),
-                       info={"implementation": impl, "kernel": kernel}, saved_as="sidecar",
+                       info={"implementation": impl, "kernel": kernel},
                        notes=[f"decoder attention: {kernel}"])
 
 
-def _force_sdpa_flash(vlm) -> None:
-    """Wrap the engine so every stage-4 call runs inside `sdpa_kernel(FLASH_ATTENTION)`."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+class SdpaFlashOnly(Wrapper):
+    """Every stage-4 call inside `sdpa_kernel(FLASH_ATTENTION)`: transformers' SDPA attention then
+    has to take the flash kernel."""
 
-    inner = vlm.engine
+    name = "sdpa_flash"
+    needs = TRANSFORMERS_FORWARD
+    why = ("attention flash (SDPA restricted to its flash kernel) acts on transformers' attention calls; it does "
+           "not carry into this engine's own attention calls, which use SDPA's default kernel choice")
 
-    class FlashOnly:
-        name = getattr(inner, "name", "engine") + "+sdpa_flash"
-
-        def generate(self, vlm, inp, **kw):
-            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                return inner.generate(vlm, inp, **kw)
-
-        def score(self, vlm, inp, tokens):
-            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                return inner.score(vlm, inp, tokens)
-
-    vlm.engine = FlashOnly()
+    def around(self, inp):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        return sdpa_kernel(SDPBackend.FLASH_ATTENTION)
 
 
 @hookimpl

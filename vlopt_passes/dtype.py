@@ -6,13 +6,13 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 from vlopt.hookspecs import hookimpl
-from vlopt.passes import PassConfig, PassOutcome
+from vlopt.passes import WEIGHTS, PassConfig, PassOutcome
 
 
 class Config(PassConfig):
     type: Literal["dtype"] = "dtype"
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-    changes_weights: ClassVar[bool] = True
+    persistence: ClassVar[str] = WEIGHTS
 
 
 def apply(vlm, cfg: Config, ctx) -> PassOutcome:
@@ -23,7 +23,7 @@ def apply(vlm, cfg: Config, ctx) -> PassOutcome:
     for name, module in vlm.decoder_modules():
         module.to(target)
         touched.append(name)
-    return PassOutcome(touched=touched, skipped=list(vlm.vision_modules), saved_as="weights",
+    return PassOutcome(touched=touched, skipped=list(vlm.vision_modules),
                        notes=[f"decoder cast to {cfg.dtype}; vision side left in {str(vlm.vision_dtype)[6:]}"])
 
 

@@ -28,12 +28,12 @@ class Config(PassConfig):
 
 
 def apply(vlm, cfg: Config, ctx) -> PassOutcome:
-    from vlopt.decode import StopRule
+    from vlopt.stage4 import StopRule
 
     vocab = vlm.tokenizer.convert_ids_to_tokens(list(range(len(vlm.tokenizer))))
     ends = tuple(i for i, t in enumerate(vocab) if t and t.replace("Ġ", "").replace("▁", "")[-1:] in ".!?")
-    vlm.stop_rule = StopRule(cfg.eos_threshold, cfg.max_sentences, ends)
-    return PassOutcome(touched=["stage-4 stopping"], saved_as="sidecar",
+    vlm.decoding.stop_rule = StopRule(cfg.eos_threshold, cfg.max_sentences, ends)
+    return PassOutcome(touched=["stage-4 stopping"],
                        notes=[f"ends the answer at P(EOS) ≥ {cfg.eos_threshold} or after {cfg.max_sentences} "
                               "sentences (natural-length mode only; a fixed budget ignores it)"])
 

@@ -28,21 +28,20 @@ class Config(PassConfig):
 
 
 def apply(vlm, cfg: Config, ctx) -> PassOutcome:
-    from vlopt.engine import DecodeEngine
+    from vlopt.engine import FastDecodeEngine
 
-    previous = getattr(vlm.engine, "name", type(vlm.engine).__name__)
-    vlm.replace_engine(DecodeEngine(compile=cfg.compile, cuda_graph=cfg.cuda_graph,
-                                    compile_mode=None if cfg.compile_mode == "default" else cfg.compile_mode,
-                                    temperature=cfg.temperature, fuse_projections=cfg.fuse_projections,
-                                    tune=cfg.tune))
+    previous = vlm.decoding.name
+    engine = FastDecodeEngine(compile=cfg.compile, cuda_graph=cfg.cuda_graph,
+                              compile_mode=None if cfg.compile_mode == "default" else cfg.compile_mode,
+                              temperature=cfg.temperature, fuse_projections=cfg.fuse_projections, tune=cfg.tune)
+    left_out = vlm.decoding.install(engine, by="fast_decode")
+    engine.bind(vlm)                  # fuses the projections now, on the weights as they are
     graph = cfg.cuda_graph and vlm.device.type == "cuda"
     notes = [f"stage-4 engine: {previous} → fast_decode "
-             f"({'compiled' if cfg.compile else 'eager'}{', CUDA graph' if graph else ''})"]
-    if "+" in previous:   # e.g. attention flash's sdpa_flash wrapper: its masked decode cannot run flash
-        notes.append(f"what wrapped the previous engine ({previous.partition('+')[2]}) does not carry into "
-                     "fast_decode's own attention calls, which use SDPA's default kernel choice")
+             f"({'compiled' if cfg.compile else 'eager'}{', CUDA graph' if graph else ''}"
+             f"{', fused q/k/v and gate/up' if engine.fused else ''})", *left_out]
     return PassOutcome(touched=[f"{vlm.decoder_prefix}.layers", "lm_head"], skipped=list(vlm.vision_modules),
-                       saved_as="sidecar", notes=notes)
+                       notes=notes)
 
 
 @hookimpl

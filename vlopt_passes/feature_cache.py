@@ -21,9 +21,9 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from vlopt.errors import VloptError
 from vlopt.hookspecs import hookimpl
 from vlopt.passes import PassConfig, PassOutcome
+from vlopt.stage4 import PREFIX_REUSE
 
 
 class Config(PassConfig):
@@ -60,12 +60,26 @@ def vision_fingerprint(vlm) -> str:
 
 
 class FeatureCache:
+    """The model's `feature_store`: visual rows keyed by the input's content and the feature filters
+    that produced them, kept in memory or on disk."""
+
     def __init__(self, cfg: Config, fingerprint: str):
         self.cfg = cfg
         self.fingerprint = fingerprint
         self.memory: OrderedDict[str, object] = OrderedDict()
         self.hits = self.misses = self.rejected = 0
         self.dir = Path(os.path.expanduser(cfg.cache_dir)) if cfg.scope == "disk" else None
+
+    def key(self, vlm, raw_path, workload) -> str:
+        return hashlib.sha256(f"{input_digest(raw_path, workload)}|{vlm.feature_tag}".encode()).hexdigest()[:32]
+
+    def get(self, key: str):
+        feats = self._load(key)
+        if feats is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return feats
 
     def _load(self, key: str):
         import torch
@@ -90,7 +104,7 @@ class FeatureCache:
         os.utime(f)
         return feats
 
-    def _store(self, key: str, feats) -> None:
+    def put(self, key: str, feats) -> None:
         from safetensors.torch import save_file
 
         if self.dir is None:
@@ -110,43 +124,20 @@ class FeatureCache:
             total -= oldest.stat().st_size
             oldest.unlink(missing_ok=True)
 
-    def run_stages(self, vlm, raw_path, workload, question, timer):
-        with timer("1"):
-            key = hashlib.sha256(f"{input_digest(raw_path, workload)}|{vlm.feature_tag}".encode()).hexdigest()[:32]
-            feats = self._load(key)
-        if feats is None:
-            self.misses += 1
-            with timer("1"):
-                raw = vlm.load_input(raw_path, workload)
-            with timer("2"):
-                prepared = vlm.preprocess(raw, question, workload)
-            with timer("3"):
-                feats = vlm.visual(prepared)
-                self._store(key, feats)
-                return vlm.assemble(prepared, feats)
-        self.hits += 1
-        with timer("2"):
-            prepared = vlm.prompt(question, workload)
-        with timer("3"):
-            return vlm.assemble(prepared, feats.to(vlm.device))
-
 
 def apply(vlm, cfg: Config, ctx) -> PassOutcome:
-    from vlopt.engine import DecodeEngine
-
     notes = []
     if cfg.scope == "prefix":
-        if not isinstance(vlm.engine, DecodeEngine):
-            raise VloptError("feature_cache scope 'prefix' reuses KV in the fast_decode engine; "
-                             "put `{type: fast_decode}` before it")
-        vlm.engine.reuse_prefix = True
+        vlm.decoding.require(PREFIX_REUSE, "feature_cache scope 'prefix' reuses KV in the fast_decode engine; "
+                                           "put `{type: fast_decode}` before it")
+        vlm.decoding.reuse_prefix = True
         notes.append("the shared prompt prefix (system text + visual rows) is prefilled once per clip")
     start = time.perf_counter()
-    vlm.vision = FeatureCache(cfg, vision_fingerprint(vlm))
+    store = vlm.feature_store = FeatureCache(cfg, vision_fingerprint(vlm))
     notes.append(f"stages 1–3 run once per clip ({cfg.scope}); vision fingerprint "
-                 f"{vlm.vision.fingerprint[:12]} took {time.perf_counter() - start:.2f} s")
-    return PassOutcome(touched=list(vlm.vision_modules), saved_as="sidecar", notes=notes,
-                       info={"cache_dir": str(vlm.vision.dir) if vlm.vision.dir else None})
+                 f"{store.fingerprint[:12]} took {time.perf_counter() - start:.2f} s")
+    return PassOutcome(touched=list(vlm.vision_modules), notes=notes,
+                       info={"cache_dir": str(store.dir) if store.dir else None})
 
 
 @hookimpl

@@ -28,6 +28,7 @@ from pydantic import Field
 from vlopt.errors import VloptError
 from vlopt.hookspecs import hookimpl
 from vlopt.passes import PassConfig, PassOutcome
+from vlopt.stage4 import TRANSFORMERS_FORWARD, Wrapper, apply_rope
 
 
 class Config(PassConfig):
@@ -44,10 +45,10 @@ class KeepTopRows:
         self.tag = f"cls_attention:{keep}"
         self.last = None
 
-    def __call__(self, vlm, prepared, feats):
+    def __call__(self, vlm, feats):
         import torch
 
-        scores, groups = prepared["row_scores"].to("cpu"), prepared["row_groups"].to("cpu")
+        scores, groups = feats.cls_scores.to("cpu"), feats.groups.to("cpu")
         keep = torch.zeros(len(scores), dtype=torch.bool)
         keep[groups < 0] = True
         for g in groups[groups >= 0].unique():
@@ -55,7 +56,7 @@ class KeepTopRows:
             k = min(len(rows), math.ceil(self.keep * len(rows)) if self.keep <= 1 else int(self.keep))
             keep[rows[scores[rows].topk(k).indices]] = True
         self.last = (len(scores), int(keep.sum()))
-        return feats[keep.to(feats.device)]
+        return feats.select(keep)
 
 
 def apply(vlm, cfg: Config, ctx) -> PassOutcome:
@@ -68,25 +69,29 @@ def apply(vlm, cfg: Config, ctx) -> PassOutcome:
             module.config._attn_implementation = "eager"
     keeper = KeepTopRows(cfg.keep)
     vlm.feature_filters.append(keeper)
-    return PassOutcome(touched=list(vlm.vision_modules), saved_as="sidecar",
+    return PassOutcome(touched=list(vlm.vision_modules),
                        notes=[f"visual rows kept by CLS attention: {cfg.keep} per frame; vision attention set to eager "
                               "to read the attention map; rows before/after are in the stage4 columns"],
                        info={"keep": cfg.keep})
 
 
 # ---- fastv -----------------------------------------------------------------------------------------
-def _rope(x, cos, sin):
-    from vlopt.engine import _rotate_half
+class FastV(Wrapper):
+    """The hooks and the state they share, wrapped around every stage-4 call: `around(inp)` arms
+    them with the call's prompt length and visual spans; outside a call the hooks do nothing. They
+    act inside transformers' forward, whose dynamic KV cache lets layers hold different lengths, so
+    an engine with its own loop on a static cache is refused."""
 
-    return x * cos[:, None] + _rotate_half(x) * sin[:, None]
+    name = "fastv"
+    needs = TRANSFORMERS_FORWARD
+    refuses_other_engines = True
+    why = ("prune_visual method 'fastv' prunes inside transformers' own forward, whose dynamic KV "
+           "cache lets layers hold different lengths; fast_decode and layer_skip run their own loop "
+           "on a static cache. Use prune_visual method: cls_attention with them")
 
-
-class FastV:
-    """The hooks and the state they share. `armed(inp)` scopes one stage-4 call: the prompt length
-    and visual spans come from its `Stage4Input`; outside a call the hooks do nothing."""
-
-    def __init__(self, keep: float, after_layer: int):
+    def __init__(self, keep: float, after_layer: int, decoding):
         self.keep, self.after_layer = keep, after_layer
+        self.decoding = decoding   # its `shards`: under tensor_parallel each rank holds some heads
         self.prompt_len = None     # L of the armed call
         self.spans = None
         self.kept = None           # sorted prompt positions layers ≥ k keep (set at prefill)
@@ -99,7 +104,7 @@ class FastV:
             layer.register_forward_pre_hook(self._slice, with_kwargs=True)
 
     @contextmanager
-    def armed(self, inp):
+    def around(self, inp):
         self.prompt_len, self.spans = inp.context_tokens, list(inp.visual_spans)
         try:
             yield
@@ -121,11 +126,12 @@ class FastV:
         with torch.no_grad():
             q = attn.q_proj(hidden[:, L - 1:L]).view(1, 1, -1, head_dim).transpose(1, 2)
             k = attn.k_proj(hidden[:, :L]).view(1, L, -1, head_dim).transpose(1, 2)
-            q, k = _rope(q, cos[:, L - 1:L], sin[:, L - 1:L]), _rope(k, cos[:, :L], sin[:, :L])
+            q = apply_rope(q, cos[:, None, L - 1:L], sin[:, None, L - 1:L])
+            k = apply_rope(k, cos[:, None, :L], sin[:, None, :L])
             k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
             probs = torch.softmax((q.float() @ k.float().transpose(-1, -2)) * attn.scaling, dim=-1)
             scores = probs[0, :, 0].sum(0)                                 # [L], summed over heads
-            if q.shape[1] != attn.config.num_attention_heads:               # heads sharded (tensor_parallel)
+            if self.decoding.shards > 1:                                    # each rank ranked with its heads
                 import torch.distributed as dist
                 dist.all_reduce(scores)
         visual = torch.cat([torch.arange(s, e) for s, e in self.spans]).to(scores.device)
@@ -139,6 +145,9 @@ class FastV:
         self.last = {"after_layer": self.after_layer, "visual_before": n, "visual_after": n_keep,
                      "context": L, "context_after_layer": L - n + n_keep}
         return None
+
+    def info(self) -> dict:
+        return {"fastv": self.last}
 
     def _slice(self, layer, args, kwargs):
         """Before each layer ≥ k: drop the pruned rows from whatever still has the full length."""
@@ -167,42 +176,16 @@ class FastV:
         return args, kwargs
 
 
-class FastVEngine:
-    """Wraps the `generate()` engine: arms the hooks around each stage-4 call."""
-
-    exclusive = ("prune_visual method 'fastv' prunes inside transformers' own forward, whose dynamic KV "
-                 "cache lets layers hold different lengths; fast_decode and layer_skip run their own loop "
-                 "on a static cache. Use prune_visual method: cls_attention with them")
-
-    def __init__(self, inner, fastv: FastV):
-        self.inner, self.fastv = inner, fastv
-        self.name = f"{getattr(inner, 'name', type(inner).__name__)}+fastv"
-
-    def generate(self, vlm, inp, **kw):
-        with self.fastv.armed(inp):
-            result = self.inner.generate(vlm, inp, **kw)
-        result.info = {**result.info, "fastv": self.fastv.last}
-        return result
-
-    def score(self, vlm, inp, tokens):
-        with self.fastv.armed(inp):
-            return self.inner.score(vlm, inp, tokens)
-
-
 def _apply_fastv(vlm, cfg: Config) -> PassOutcome:
-    from vlopt.engine import DecodeEngine
-
     layers = vlm.text_model.layers
     if cfg.after_layer >= len(layers):
         raise VloptError(f"prune_visual.after_layer must be below the decoder's {len(layers)} layers, "
                          f"got {cfg.after_layer}")
-    if isinstance(vlm.engine, DecodeEngine):
-        raise VloptError(FastVEngine.exclusive)
-    fastv = FastV(cfg.keep, cfg.after_layer)
+    fastv = FastV(cfg.keep, cfg.after_layer, vlm.decoding)
+    vlm.decoding.wrap(fastv)         # refused here, before any hook is installed, under another engine
     fastv.install(layers)
-    vlm.engine = FastVEngine(vlm.engine, fastv)
     share = f"{cfg.keep:.0%} of" if cfg.keep <= 1 else f"{int(cfg.keep)} of"
-    return PassOutcome(touched=[f"{vlm.decoder_prefix}.layers[{cfg.after_layer}:]"], saved_as="sidecar",
+    return PassOutcome(touched=[f"{vlm.decoder_prefix}.layers[{cfg.after_layer}:]"],
                        notes=[f"fastv: layers {cfg.after_layer}.. keep {share} the visual rows, ranked by the "
                               f"last prompt token's attention at layer {cfg.after_layer - 1}; the stage-4 "
                               "engine_info.fastv gives rows and context before/after"],

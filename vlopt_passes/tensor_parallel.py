@@ -7,8 +7,8 @@ on every rank, so every rank computes the same logits and greedy tokens. The vis
 every rank (it is deterministic, and small next to the decoder). Launch with
 `torchrun --nproc-per-node N -m vlopt.cli apply RECIPE`; rank 0 writes reports and checkpoints, and
 the checkpoint keeps the unsharded weights (the pass is re-applied on load under torchrun).
-Composes with fast_decode in either order: the engine takes its head counts from the sharded
-projections, and the all-reduce is a functional collective, so it traces into the compiled step
+Composes with fast_decode in either order: the engine takes its head counts from the declared
+`vlm.decoding.shards`, and the all-reduce is a functional collective, so it traces into the compiled step
 (and, with NCCL, into its CUDA graph — not run yet: no multi-GPU machine has been lent)."""
 
 from __future__ import annotations
@@ -19,18 +19,15 @@ from pydantic import Field
 
 from vlopt.errors import VloptError
 from vlopt.hookspecs import hookimpl
-from vlopt.passes import PassConfig, PassOutcome
+from vlopt.passes import REAPPLIED, PassConfig, PassOutcome
 
 
 class Config(PassConfig):
     type: Literal["tensor_parallel"] = "tensor_parallel"
     size: int = Field(2, ge=2)
-    changes_weights: ClassVar[bool] = True
+    persistence: ClassVar[str] = REAPPLIED
     lossless: ClassVar[bool] = True      # same math; the all-reduce changes summation order only
     once: ClassVar[bool] = True
-
-    def saved_as(self) -> str:
-        return "sidecar"
 
 
 def apply(vlm, cfg: Config, ctx) -> PassOutcome:
@@ -66,7 +63,8 @@ def apply(vlm, cfg: Config, ctx) -> PassOutcome:
         mlp.down_proj = RowParallelLinear(mlp.down_proj, rank, cfg.size)
         # The attention reshapes with -1 heads, so it follows the local head count by itself.
         touched.append(f"{vlm.decoder_prefix}.layers.{i}")
-    return PassOutcome(touched=touched, skipped=[*vlm.vision_modules, "lm_head"], saved_as="sidecar",
+    vlm.decoding.shards = cfg.size          # engines take their head counts from it
+    return PassOutcome(touched=touched, skipped=[*vlm.vision_modules, "lm_head"],
                        notes=[f"decoder sharded over {cfg.size} ranks (rank {rank}); vision and lm_head replicated"],
                        info={"rank": rank, "world_size": cfg.size})
 

@@ -21,8 +21,8 @@ PASSES = [
     ({"type": "prune_visual", "method": "fastv", "keep": 0.25, "after_layer": 2}, {}),
     ([{"type": "fast_decode", "tune": False}, {"type": "feature_cache", "scope": "prefix"}], {"workload": "{model}-10q", "samples": 4}),
     ({"type": "feature_cache", "scope": "request"}, {}),
-    ({"type": "int8", "backend": "bitsandbytes"}, {}),
-    ({"type": "int4", "backend": "bitsandbytes", "quant_type": "nf4", "compute_dtype": "bfloat16"}, {}),
+    ({"type": "llm_int8"}, {}),
+    ({"type": "nf4", "compute_dtype": "bfloat16"}, {}),
     ({"type": "layer_skip", "draft_layers": 8, "draft_tokens": 4}, {}),
     ({"type": "early_stop", "eos_threshold": 0.5, "max_sentences": 2}, {"natural": True}),
 ]
@@ -51,17 +51,17 @@ def main() -> None:
         recipe = {"model": spec, "benchmark": {"samples": 2, "warmup": 1, **bench}, "passes": chain}
         with tempfile.TemporaryDirectory() as tmp:
             result = run_recipe(recipe, tmp)
-        base, row = result.report["baseline"], result.report["passes"][-1]
-        rows.append({"config": cfg, "chain": chain, "benchmark": bench, "baseline": base, "row": row,
-                     "previous": result.report["passes"][-2] if len(chain) > 1 else None})
-        s0, s1 = base["stage4"], row.get("stage4") or {}
-        print(f"{model:10s} {cfg['type']:13s} {row['status']:8s} base {s0['stage4_ms']:8.1f} ms -> "
-              f"{s1.get('stage4_ms', float('nan')):8.1f} ms  x{row.get('speedup_vs_baseline') or float('nan'):.2f}  "
-              f"x{row.get('speedup_vs_previous') or float('nan'):.2f} previous  "
+        base, last = result.report["baseline"], result.rows[-1]
+        rows.append({"config": cfg, "chain": chain, "benchmark": bench, "baseline": base, "row": last.to_dict(),
+                     "previous": result.rows[-2].to_dict() if len(chain) > 1 else None})
+        s0, s1 = base["stage4"], last.stage4 or {}
+        print(f"{model:10s} {cfg['type']:13s} {last.status:8s} base {s0['stage4_ms']:8.1f} ms -> "
+              f"{s1.get('stage4_ms', float('nan')):8.1f} ms  x{last.speedup_vs_baseline or float('nan'):.2f}  "
+              f"x{last.speedup_vs_previous or float('nan'):.2f} previous  "
               f"prefill {s0['prefill_ms']:.1f}->{s1.get('prefill_ms', float('nan')):.1f}  "
               f"ctx {s0['context_tokens']}->{s1.get('context_tokens')}  tokens {s0['new_tokens']}->{s1.get('new_tokens')}  "
-              f"peak {s0['peak_mem_mb']:.0f}->{s1.get('peak_mem_mb', float('nan')):.0f} MB  fid {row.get('fidelity')}  "
-              f"{row.get('error') or ''} {s1.get('engine_info') or ''}", flush=True)
+              f"peak {s0['peak_mem_mb']:.0f}->{s1.get('peak_mem_mb', float('nan')):.0f} MB  fid {last.fidelity}  "
+              f"{last.error or ''} {s1.get('engine_info') or ''}", flush=True)
         with open(out_path, "w") as fh:
             json.dump({"model": model, "rows": rows}, fh, indent=1, default=str)
         del result

@@ -66,11 +66,10 @@ def main() -> None:
         if only and label != only:
             if extra:
                 continue
-            vlm.engine._sig = None         # skip bf16 but keep the order of passes
-            continue
+            continue                      # skip bf16 but keep the order of passes
         if extra:
             apply(extra)
-        eng = vlm.engine
+        eng = vlm.decoding.engine
         eng.generate(vlm, inp, new_tokens=8)                      # compile + capture
         token = torch.tensor([5], device="cuda")
         pos = torch.tensor([inp.context_tokens + 8], device="cuda")
@@ -85,11 +84,11 @@ def main() -> None:
             torch.cuda.synchronize()
             return start.elapsed_time(end) / n
 
-        graph_ms = timed(lambda: eng._run_step(token, pos))
-        nograph_ms = timed(lambda: eng._step(token, pos))
+        graph_ms = timed(lambda: eng.step(token, pos))           # the captured graph, replayed
+        nograph_ms = timed(lambda: eng.step.fn(token, pos))       # the compiled step without it
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(10):
-                eng._step(token, pos)
+                eng.step.fn(token, pos)
             torch.cuda.synchronize()
         cats: dict[str, float] = {}
         kernels = 0

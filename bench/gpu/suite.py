@@ -26,6 +26,8 @@ def main() -> None:
     from vlopt.decode import HFGenerate
     from vlopt.models import get_workload, load_model
     from vlopt.plugins import get_registry
+    from vlopt_passes._int4_gemv import PackedLinear
+    from vlopt_passes._quant import replace_module
 
     model, out_path = sys.argv[1], sys.argv[2]
     skip_peer = "--skip-peer" in sys.argv
@@ -117,14 +119,17 @@ def main() -> None:
         print(f"{kernel} int4 weight / layer-output relative error:", *errors, flush=True)
         record(name, vlm, wl, ref, ["fast_decode", f"int4(kernel={kernel})"], s1 + s2)
         if kernel == "tinygemm" and wanted("fast_decode_int4_kernel_prefill"):   # same weights, tinygemm prefill
-            for _, module in vlm.hf.named_modules():
-                if hasattr(module, "prefill_weight"):
-                    del module.prefill_weight
+            for name, module in list(vlm.hf.named_modules()):
+                if isinstance(module, PackedLinear):          # back to the plain tile-packed Linear
+                    plain = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                                            device="meta")
+                    plain.weight, plain.bias = module.weight, module.bias
+                    replace_module(vlm, name, plain)
             record("fast_decode_int4_kernel_prefill", vlm, wl, ref, ["fast_decode", "int4(dense_prefill=false)"])
     if not skip_peer and wanted("hf_static_compile"):
         del vlm
         vlm = fresh()
-        vlm.engine = HFGenerate(cache_implementation="static")
+        vlm.decoding.install(HFGenerate(cache_implementation="static"), by="hf_static_compile")
         record("hf_static_compile", vlm, wl, ref, ["(peer) generate cache_implementation=static"], warmup=2,
                lossless=True)
     print("done", flush=True)

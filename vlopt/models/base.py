@@ -1,37 +1,34 @@
 """What every model adapter provides: stages 1–3 producing a model-agnostic `Stage4Input`.
 
 Stage 4 is then the same code for both models: the LLaMA decoder generating from `inputs_embeds`.
-Passes change a model through two documented extension points of `VLModel`: `engine` (how stage 4
-decodes) and `vision` (how stages 1–3 produce features), or by changing the modules of `hf` in place.
+Passes change a model through its modules or through these declared extension points:
+`decoding` (the stage-4 holder, `vlopt.stage4.Decoding`), `feature_store` (a cache of visual rows
+in front of stages 1–3), `feature_filters` (functions choosing visual rows) and `need_cls_attention`
+(ask `features()` for per-row CLS scores).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+import contextlib
+from typing import ClassVar, Protocol
 
 import torch
 
-from vlopt.errors import VloptError
-from vlopt.models import Workload  # noqa: F401  (adapters import it from here)
+from vlopt.models import Workload, get_workload
+from vlopt.stage4 import Decoding, Stage4Input, VisualFeatures
+
+__all__ = ["VLModel", "Stage4Input", "VisualFeatures", "Workload", "FeatureStore", "seeded_init"]
 
 
-@dataclass
-class Stage4Input:
-    """What every stage-4 pass and the benchmark see."""
+class FeatureStore(Protocol):
+    """Visual rows kept across calls (feature_cache): `key` names what the rows of one input depend
+    on; `get` returns stored rows or None; `put` stores them."""
 
-    embeds: torch.Tensor                   # [1, L, hidden]: text embeddings with visual rows spliced in
-    attention_mask: torch.Tensor           # [1, L]
-    visual_spans: list[tuple[int, int]]    # [start, end) of the visual rows
-    visual_meta: dict[str, Any] = field(default_factory=dict)  # e.g. per-row CLS attention (pruning)
+    def key(self, vlm, raw_path: str | None, workload: Workload) -> str: ...
 
-    @property
-    def context_tokens(self) -> int:
-        return int(self.embeds.shape[1])
+    def get(self, key: str) -> torch.Tensor | None: ...
 
-    @property
-    def visual_tokens(self) -> int:
-        return sum(e - s for s, e in self.visual_spans)
+    def put(self, key: str, rows: torch.Tensor) -> None: ...
 
 
 class VLModel:
@@ -52,11 +49,10 @@ class VLModel:
         self.hf = hf                  # the transformers module: save_pretrained / from_pretrained
         self.tokenizer = tokenizer
         self.source = source          # how it was built: {"preset": ...} or {"path": ...}
-        self.engine = HFGenerate()    # stage 4; a decode-engine pass replaces it
-        self.vision = None            # optional cache in front of stages 1–3 (feature_cache)
-        self.stop_rule = None         # optional early end of the answer (early_stop); engines honour it
-        self.feature_filters = []     # (vlm, prepared, feats) -> feats, e.g. visual-token pruning
-        self.need_cls_attention = False   # features() also records each row's CLS-attention score
+        self.decoding = Decoding(self, HFGenerate())   # stage 4; engine passes install or wrap engines here
+        self.feature_store: FeatureStore | None = None  # visual rows kept across calls (feature_cache)
+        self.feature_filters = []     # (vlm, VisualFeatures) -> VisualFeatures, e.g. visual-token pruning
+        self.need_cls_attention = False   # features() also scores each row by its CLS attention
 
     # ---- stages 1–3, per model ------------------------------------------------------------------
     def load_input(self, path: str | None, workload: Workload) -> Any:
@@ -71,21 +67,22 @@ class VLModel:
         """The text half of stage 2: prompt ids (with placeholders) and what `assemble` needs."""
         raise NotImplementedError
 
-    def features(self, prepared: dict) -> torch.Tensor:
-        """Stage 3's vision half: [rows, hidden] visual features (question-independent)."""
+    def features(self, prepared: dict) -> VisualFeatures:
+        """Stage 3's vision half: the visual rows (question-independent), with CLS scores and groups
+        when `need_cls_attention` is set."""
         raise NotImplementedError
 
     def assemble(self, prepared: dict, feats: torch.Tensor) -> Stage4Input:
-        """Stage 3's text half: splice `feats` into the prompt embeddings."""
+        """Stage 3's text half: splice the visual rows `feats` [rows, hidden] into the prompt embeddings."""
         raise NotImplementedError
 
     @torch.no_grad()
     def visual(self, prepared: dict) -> torch.Tensor:
-        """Visual rows after every feature filter (what a feature cache stores)."""
+        """Visual rows after every feature filter (what a feature store keeps)."""
         feats = self.features(prepared)
         for keep_rows in self.feature_filters:
-            feats = keep_rows(self, prepared, feats)
-        return feats
+            feats = keep_rows(self, feats)
+        return feats.rows
 
     @property
     def feature_tag(self) -> str:
@@ -137,37 +134,43 @@ class VLModel:
     def eos_token_id(self) -> int:
         return int(self.tokenizer.eos_token_id)
 
-    def replace_engine(self, engine) -> None:
-        """Install another stage-4 engine (engine passes call this). An engine that must not be
-        replaced — one whose effect lives in transformers' own forward — says why in `exclusive`."""
-        why = getattr(self.engine, "exclusive", None)
-        if why:
-            raise VloptError(why)
-        self.engine = engine
+    def workload(self, name: str | None = None) -> Workload:
+        """A workload of this model (its default when `name` is None)."""
+        return get_workload(name or self.default_workload, model=self.name)
 
     def stage4(self, inp: Stage4Input, *, new_tokens: int, fixed: bool = True):
-        """Stage 4 through the current engine."""
-        return self.engine.generate(self, inp, new_tokens=new_tokens, fixed=fixed)
+        """Stage 4 through the installed engine and the wrappers around it."""
+        return self.decoding.generate(inp, new_tokens=new_tokens, fixed=fixed)
 
     def run_stages(self, raw_path: str | None, workload: Workload, question: str, timer=None) -> Stage4Input:
-        """Stages 1–3, each inside `timer(stage)` (a context manager), through the feature cache
-        when a pass installed one."""
+        """Stages 1–3, each inside `timer(stage)` (a context manager such as `Stopwatch.phase`). With a
+        feature store, stored rows of this input skip loading, preprocessing and the vision encoder:
+        only the prompt is tokenized and spliced."""
         timer = timer or _no_timer
-        if self.vision is not None:
-            return self.vision.run_stages(self, raw_path, workload, question, timer)
+        store = self.feature_store
+        if store is not None:
+            with timer("1"):
+                key = store.key(self, raw_path, workload)
+                rows = store.get(key)
+            if rows is not None:
+                with timer("2"):
+                    prepared = self.prompt(question, workload)
+                with timer("3"):
+                    return self.assemble(prepared, rows.to(self.device))
         with timer("1"):
             raw = self.load_input(raw_path, workload)
         with timer("2"):
             prepared = self.preprocess(raw, question, workload)
         with timer("3"):
-            return self.encode(prepared)
+            rows = self.visual(prepared)
+            if store is not None:
+                store.put(key, rows)
+            return self.assemble(prepared, rows)
 
 
 def seeded_init(device: str, seed: int = 0):
     """Random weights that are the same on every build of a preset (per device kind), without
     disturbing the caller's random state."""
-    import contextlib
-
     @contextlib.contextmanager
     def scope():
         devices = [torch.device(device).index or 0] if torch.device(device).type == "cuda" else []
@@ -178,13 +181,5 @@ def seeded_init(device: str, seed: int = 0):
     return scope()
 
 
-class _NoTimer:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def _no_timer(stage: str) -> _NoTimer:
-    return _NoTimer()
+def _no_timer(stage: str):
+    return contextlib.nullcontext()

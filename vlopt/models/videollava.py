@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from vlopt.errors import VloptError
-from vlopt.models.base import Stage4Input, VLModel, Workload, seeded_init
+from vlopt.models.base import Stage4Input, VisualFeatures, VLModel, Workload, seeded_init
 from vlopt.models.tokenizer import DEFAULT_QUESTION, build_tokenizer
 
 PROMPT = {"video": "USER: <video>\n{question}\nASSISTANT:", "image": "USER: <image>\n{question}\nASSISTANT:"}
@@ -111,8 +111,9 @@ class VideoLLaVA(VLModel):
         return expand_placeholder(self.tokenizer, PROMPT[kind].format(question=question), token_id, rows)
 
     @torch.no_grad()
-    def features(self, prepared: dict) -> torch.Tensor:
-        """Towers → projector: [rows, hidden] in the order the placeholders appear."""
+    def features(self, prepared: dict) -> VisualFeatures:
+        """Towers → projector: [rows, hidden] in the order the placeholders appear; with CLS scores,
+        one group per frame."""
         m = self.hf.model
         attn = {"output_attentions": True} if self.need_cls_attention else {}
         if prepared["kind"] == "image":
@@ -120,17 +121,16 @@ class VideoLLaVA(VLModel):
         else:
             out = m.get_video_features(pixel_values_videos=prepared["pixels"][None], return_dict=True, **attn)
         feats = out.pooler_output.reshape(-1, out.pooler_output.shape[-1])
-        if self.need_cls_attention:
-            # The features come from layer −2, whose attention map is attentions[−2]: [T, heads, P+1, P+1].
-            cls = out.attentions[self.hf.config.vision_feature_layer][:, :, 0, :].float().mean(1)   # [T, P+1]
-            if prepared["kind"] == "image":
-                cls = cls[:, 1:]                   # the image path drops CLS
-            else:
-                cls = cls.clone()
-                cls[:, 0] = float("inf")           # keep each frame's CLS row
-            prepared["row_scores"] = cls.reshape(-1)
-            prepared["row_groups"] = torch.arange(cls.shape[0]).repeat_interleave(cls.shape[1])
-        return feats
+        if not self.need_cls_attention:
+            return VisualFeatures(feats)
+        # The features come from layer −2, whose attention map is attentions[−2]: [T, heads, P+1, P+1].
+        cls = out.attentions[self.hf.config.vision_feature_layer][:, :, 0, :].float().mean(1)   # [T, P+1]
+        if prepared["kind"] == "image":
+            cls = cls[:, 1:]                   # the image path drops CLS
+        else:
+            cls = cls.clone()
+            cls[:, 0] = float("inf")           # keep each frame's CLS row
+        return VisualFeatures(feats, cls.reshape(-1), torch.arange(cls.shape[0]).repeat_interleave(cls.shape[1]))
 
     def assemble(self, prepared: dict, feats: torch.Tensor) -> Stage4Input:
         ids = prepared["input_ids"]

@@ -26,9 +26,9 @@ def test_the_entry_point_registers_the_pass(with_this_plugin):
 @pytest.mark.parametrize("model", ["eventgpt", "videollava"])
 def test_only_the_head_is_quantized_with_small_error(with_this_plugin, model):
     row = run_pass({"type": "lm_head_int8"}, model=model)
-    assert row["modules_touched"] == ["lm_head"] and row["plugin"] == "lmhead_int8"
+    assert row.modules_touched == ["lm_head"] and row.plugin == "lmhead_int8"
     assert_fidelity(row, min_top1=0.8, max_kl=1e-3)
-    assert row["fidelity"]["mean_kl"] > 0
+    assert row.fidelity["mean_kl"] > 0
 
 
 def test_it_shows_in_vlopt_plugins_and_runs_in_a_recipe(tmp_path):
@@ -45,3 +45,21 @@ def test_it_shows_in_vlopt_plugins_and_runs_in_a_recipe(tmp_path):
     report = json.loads((tmp_path / "out" / "vlopt_report.json").read_text())
     assert [r["pass"] for r in report["passes"]] == ["int4", "lm_head_int8"]
     assert report["plugins"]["lmhead_int8"] == "0.1.0"
+
+
+def test_the_family_registers_with_its_workload_and_runs_a_recipe(monkeypatch, tmp_path):
+    monkeypatch.setenv("VLOPT_LOAD_PLUGINS", "lmhead_int8,eventgpt_short")
+    plugins.set_registry(None)
+    try:
+        registry = plugins.get_registry()
+        info = next(p for p in registry.plugins if p.name == "eventgpt_short")
+        assert info.models == ["eventgpt_short"] and info.error is None
+        assert registry.workloads["eventgpt-short"].frames == 2
+        row = run_pass({"type": "lm_head_int8"}, model="eventgpt_short", tmp_dir=tmp_path)
+        assert row.stage4["new_tokens"] == 8 and row.modules_touched == ["lm_head"]   # the tiny bench budget
+        from vlopt.models import load_model
+        vlm = load_model("eventgpt_short", device="cpu")
+        assert vlm.workload().name == "eventgpt-short"
+        assert vlm.run_stages(None, vlm.workload(), "q").visual_tokens == 2 + 5     # 2 temporal + 5 spatial rows
+    finally:
+        plugins.set_registry(None)

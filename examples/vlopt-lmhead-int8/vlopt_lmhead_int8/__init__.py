@@ -11,6 +11,7 @@ from typing import ClassVar, Literal
 
 import vlopt
 from vlopt import PassConfig, PassOutcome
+from vlopt.passes import REAPPLIED
 
 __version__ = "0.1.0"
 
@@ -18,19 +19,17 @@ __version__ = "0.1.0"
 class LmHeadInt8(PassConfig):
     type: Literal["lm_head_int8"] = "lm_head_int8"
     version: ClassVar[str] = "1"
-    changes_weights: ClassVar[bool] = True
+    # Re-quantized on load: transformers does not serialize it combined with another torchao config.
+    persistence: ClassVar[str] = REAPPLIED
     lossless: ClassVar[bool] = False
     once: ClassVar[bool] = True
-
-    def saved_as(self) -> str:
-        return "sidecar"   # re-quantized on load: combining with another torchao config is not serialized
 
 
 def apply(vlm, cfg: LmHeadInt8, ctx) -> PassOutcome:
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
     quantize_(vlm.hf, Int8WeightOnlyConfig(), filter_fn=lambda module, fqn: fqn == "lm_head")
-    return PassOutcome(touched=["lm_head"], skipped=[], saved_as="sidecar",
+    return PassOutcome(touched=["lm_head"], skipped=[],
                        notes=["lm_head int8 weight-only (torchao)"])
 
 
