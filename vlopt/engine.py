@@ -383,7 +383,7 @@ class FastDecodeEngine:
         return Stage4Result(answer_tokens(tokens, fixed=fixed, eos=eos, rule=rule),
                             watch.seconds["prefill"], watch.seconds["decode"], info={
                                 "compile_s": self.compile_s, "capture_s": self.capture_s, "cache_len": dec.max_len,
-                                "cuda_graph": step.graph is not None, "compiled": self.compile,
+                                "cuda_graph": self.step.graph is not None, "compiled": self.compile,
                                 "prefix_reused": reused})
 
     def _common_prefix(self, embeds: torch.Tensor) -> int:

@@ -42,7 +42,7 @@ class PassConfig(BaseModel):
     def _refuse_moved_keys(cls, data):
         for key, instead in cls.moved.items():
             if isinstance(data, dict) and key in data:
-                raise ValueError(f"`{key}` is not a {cls.model_fields['type'].default} field: {instead}")
+                raise ValueError(f"`{key}` is not a field of {cls.model_fields['type'].default}: {instead}")
         return data
 
 

@@ -53,13 +53,17 @@ def torchao_quantize(vlm, cfg, ao_config, *, serializable: bool, notes: list[str
 
 
 def bnb_replace(vlm, cfg, make) -> PassOutcome:
-    """Swap each selected Linear for the bitsandbytes module `make(linear)` returns."""
+    """Swap each selected Linear for the bitsandbytes module `make(linear)` returns (its weight set;
+    the bias is copied here)."""
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
         raise VloptError(f"{cfg.type} needs bitsandbytes: pip install 'vlopt[quant]'") from None
     chosen, skipped = _linears(vlm, cfg)
     for name, linear in chosen:
-        replace_module(vlm, name, make(linear).to(linear.weight.device))
+        module = make(linear)
+        if linear.bias is not None:
+            module.bias = torch.nn.Parameter(linear.bias.data.clone(), requires_grad=False)
+        replace_module(vlm, name, module.to(linear.weight.device))
     return PassOutcome(touched=[n for n, _ in chosen], skipped=skipped,
                        notes=[BNB_NOTE, "the checkpoint keeps the unquantized weights; the pass is re-applied on load"])

@@ -39,8 +39,6 @@ def apply(vlm, cfg: Nf4, ctx):
                               compute_dtype=compute, quant_type=cfg.type, compress_statistics=cfg.double_quant)
         q.weight = bnb.nn.Params4bit(linear.weight.data.to("cpu").clone(), requires_grad=False,
                                      quant_type=cfg.type, compress_statistics=cfg.double_quant)
-        if linear.bias is not None:
-            q.bias = torch.nn.Parameter(linear.bias.data.clone(), requires_grad=False)
         return q
 
     return bnb_replace(vlm, cfg, make)

@@ -30,8 +30,6 @@ def apply(vlm, cfg: Config, ctx):
                                 has_fp16_weights=False, threshold=cfg.threshold)
         q.weight = bnb.nn.Int8Params(linear.weight.data.to("cpu", torch.float16).clone(), requires_grad=False,
                                      has_fp16_weights=False)
-        if linear.bias is not None:
-            q.bias = torch.nn.Parameter(linear.bias.data.clone(), requires_grad=False)
         return q
 
     return bnb_replace(vlm, cfg, make)
