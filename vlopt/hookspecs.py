@@ -20,14 +20,17 @@ def register_passes(register: Callable) -> None:
     """Called once when vlopt loads its plugins. Call `register(ConfigClass, apply)` once per pass.
 
     `ConfigClass` subclasses `vlopt.PassConfig` (pydantic, extra keys forbidden) with a field
-    `type: Literal["name"] = "name"` — the recipe key — and ClassVars `version`, `changes_weights`,
-    `lossless` and `deterministic`. `apply(model, config, ctx) -> PassOutcome` changes the
-    `vlopt.VLModel` in place. The host rejects a duplicate pass type, naming both plugins.
+    `type: Literal["name"] = "name"` — the recipe key — and ClassVars `version`, `persistence`
+    (vlopt.passes WEIGHTS | RUNTIME | REAPPLIED), `lossless` and `deterministic`. `apply(model,
+    config, ctx) -> PassOutcome` changes the `vlopt.VLModel` in place, through its modules and the
+    contract of `vlopt.stage4` (`model.decoding`). The host rejects a duplicate pass type, naming
+    both plugins. Import torch inside `apply`, not at the module's top: registering is declaring.
     """
 
 
 @hookspec
 def register_models(register: Callable) -> None:
     """Called once when vlopt loads its plugins. Call `register(family)` with a
-    `vlopt.models.ModelFamily`: its name (the recipe's `model.name`), a preset builder, a checkpoint
-    loader and a predicate that recognises a checkpoint's `config.json`."""
+    `vlopt.models.ModelFamily`, a declaration: its name (the recipe's `model.name`), the module that
+    builds and loads it (imported when a model is built), the `config.json` model_types of its
+    checkpoints and its workloads. The host rejects a duplicate family or workload name."""
