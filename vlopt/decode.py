@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from vlopt.stage4 import TRANSFORMERS_FORWARD, StopRule, Stage4Result, Stopwatch
+from vlopt.stage4 import TRANSFORMERS_FORWARD, StopRule, Stage4Result, Stopwatch, answer_tokens
 
 
 class _StopRuleProcessor:
@@ -18,9 +18,9 @@ class _StopRuleProcessor:
         force = torch.zeros(scores.shape[0], dtype=torch.bool, device=scores.device)
         if self.rule.eos_threshold is not None:
             force |= torch.softmax(scores.float(), -1)[:, self.eos] >= self.rule.eos_threshold
-        done = self.rule.sentences_done(input_ids[0, self.prompt_len:].tolist())
-        if done is not None:
-            force[:] = True
+        for row, ids in enumerate(input_ids[:, self.prompt_len:].tolist()):    # each row of a batch
+            if self.rule.sentences_done(ids) is not None:
+                force[row] = True
         if force.any():
             scores = scores.clone()
             scores[force] = float("-inf")
@@ -74,8 +74,49 @@ class HFGenerate:
         return Stage4Result(out[0].tolist(), watch.seconds["prefill"], watch.seconds["decode"])
 
     @torch.no_grad()
+    def generate_batch(self, vlm, inputs, *, new_tokens: int, fixed: bool = True) -> list[Stage4Result]:
+        """`generate()` on B prompts at once, left-padded (pad-token embeddings, attention mask 0 there),
+        as transformers batches prompts of different lengths: it derives each row's positions from
+        the mask. Natural length: transformers pads a row after its EOS; the answer ends at the EOS."""
+        if len(inputs) == 1:
+            return [self.generate(vlm, inputs[0], new_tokens=new_tokens, fixed=fixed)]
+        embeds, mask = left_padded(vlm, inputs)
+        extra = dict(self.generate_kwargs)
+        rule = vlm.decoding.stop_rule
+        if rule is not None and not fixed:
+            from transformers import LogitsProcessorList
+            extra["logits_processor"] = LogitsProcessorList([_StopRuleProcessor(rule, vlm.eos_token_id, 0)])
+        watch = Stopwatch(vlm.device)
+        first = _FirstToken(watch)
+        watch.start()
+        out = vlm.hf.generate(
+            inputs_embeds=embeds, attention_mask=mask, max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens if fixed else 0, do_sample=False, num_beams=1,
+            pad_token_id=vlm.tokenizer.pad_token_id, eos_token_id=vlm.eos_token_id,
+            streamer=first, **extra)
+        watch.lap("decode")
+        rows = out.tolist()
+        return [Stage4Result(answer_tokens(tokens, fixed=fixed, eos=vlm.eos_token_id, rule=None),
+                             watch.seconds["prefill"], watch.seconds["decode"], info={"batch": len(inputs)})
+                for tokens in rows]
+
+    @torch.no_grad()
     def score(self, vlm, inp, tokens: list[int]) -> torch.Tensor:
         return teacher_forced_logits(vlm, inp, tokens)
+
+
+def left_padded(vlm, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt embeddings [B, P, hidden] ending at the same column (P: the longest), with the
+    pad token's embedding before the shorter ones, and the attention mask [B, P] (0 on padding)."""
+    end = max(inp.context_tokens for inp in inputs)
+    pad = vlm.embed(torch.tensor([vlm.tokenizer.pad_token_id], device=vlm.device))[0].to(inputs[0].embeds.dtype)
+    embeds = pad.expand(len(inputs), end, pad.shape[-1]).clone()
+    mask = torch.zeros(len(inputs), end, dtype=torch.long, device=vlm.device)
+    for b, inp in enumerate(inputs):
+        n = inp.context_tokens
+        embeds[b, end - n:] = inp.embeds[0]
+        mask[b, end - n:] = inp.attention_mask[0]
+    return embeds, mask
 
 
 @torch.no_grad()

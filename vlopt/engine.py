@@ -89,11 +89,11 @@ def weights_signature(vlm) -> tuple:
 
 
 class StaticCache:
-    """One K and one V tensor per layer, [1, kv_heads, max_len, head_dim], at fixed addresses (the
+    """One K and one V tensor per layer, [batch, kv_heads, max_len, head_dim], at fixed addresses (the
     captured graph writes into them)."""
 
-    def __init__(self, layers: int, kv_heads: int, max_len: int, head_dim: int, dtype, device):
-        shape = (1, kv_heads, max_len, head_dim)
+    def __init__(self, layers: int, kv_heads: int, max_len: int, head_dim: int, dtype, device, batch: int = 1):
+        shape = (batch, kv_heads, max_len, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.max_len = max_len
@@ -103,10 +103,15 @@ class Decoder:
     """The model's decoder layers over a static KV cache of `max_len` positions (the gpt-fast
     `Transformer`). Token choice follows three inputs: `temperature`, the stop rule's
     `eos_threshold`, and `eos_bias` — a [vocab] tensor, -inf at EOS while a fixed budget forbids it,
-    set per call without rebuilding a compiled step."""
+    set per call without rebuilding a compiled step.
+
+    With `batch` > 1 the cache holds that many rows, left-padded: every row's prompt ends at the
+    same slot, so a decode step writes one slot for all rows, and `row_start` [batch] (a fixed
+    buffer, set per call) says where each row's prompt begins — its RoPE position is slot −
+    row_start and it attends to slots ≥ row_start only."""
 
     def __init__(self, vlm, *, max_len: int, fused: list | None, temperature: float = 0.0,
-                 eos_threshold: float | None = None):
+                 eos_threshold: float | None = None, batch: int = 1):
         tm = vlm.text_model
         cfg = tm.config
         self.vlm = vlm
@@ -119,7 +124,10 @@ class Decoder:
         shards = vlm.decoding.shards                 # heads this process holds (tensor_parallel)
         self.n_heads = cfg.num_attention_heads // shards
         self.kv_heads = (cfg.num_key_value_heads or cfg.num_attention_heads) // shards
-        self.cache = StaticCache(len(self.layers), self.kv_heads, max_len, self.head_dim, vlm.dtype, vlm.device)
+        self.batch = batch
+        self.cache = StaticCache(len(self.layers), self.kv_heads, max_len, self.head_dim, vlm.dtype, vlm.device,
+                                 batch=batch)
+        self.row_start = torch.zeros(batch, dtype=torch.long, device=vlm.device)
         positions = torch.arange(max_len, device=vlm.device)[None]
         probe = torch.empty(1, dtype=vlm.dtype, device=vlm.device)
         cos, sin = tm.rotary_emb(probe, positions)
@@ -140,10 +148,18 @@ class Decoder:
         """x [1, T, hidden] at positions `pos` [T] → final hidden states [1, T, hidden] (normed),
         through the first `layers` layers (all by default). `causal`: positions 0..T-1, attending
         over what they just wrote; otherwise each row attends to every cached position ≤ its own."""
-        T = x.shape[1]
-        cos = self.cos[pos][None, None]
-        sin = self.sin[pos][None, None]
         mask = None if causal else (self.key_positions[None, :] <= pos[:, None])[None, None]   # [1,1,T,max_len]
+        return self.layers_forward(x, pos, self.cos[pos][None, None], self.sin[pos][None, None], mask=mask,
+                                   causal_from=0 if causal else None, layers=layers)
+
+    def layers_forward(self, x: torch.Tensor, write: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
+                       mask: torch.Tensor | None = None, causal_from: int | None = None, rows: slice = slice(None),
+                       layers: int | None = None) -> torch.Tensor:
+        """The layers over cache rows `rows`: x [B, T, hidden] with rotary cos/sin [B or 1, 1, T, head_dim]
+        → final hidden states (normed). K/V are written at cache slots `write` [T]. Attention: with
+        `causal_from`, causal among the T new rows (the cache's slots causal_from..+T); otherwise
+        over the whole cache through the boolean `mask` [B, 1, T, max_len]."""
+        B, T = x.shape[:2]
         dense = T >= DENSE_ROWS
         q_rows, kv_rows = self.n_heads * self.head_dim, self.kv_heads * self.head_dim
         for i, layer in enumerate(self.layers[:layers]):
@@ -153,18 +169,19 @@ class Decoder:
                 q, k, v = _fused(self.fused[i][0], h, dense).split([q_rows, kv_rows, kv_rows], -1)
             else:
                 q, k, v = linear(attn.q_proj, h, dense), linear(attn.k_proj, h, dense), linear(attn.v_proj, h, dense)
-            q = apply_rope(q.view(1, T, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)
-            k = apply_rope(k.view(1, T, self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)
-            v = v.view(1, T, self.kv_heads, self.head_dim).transpose(1, 2)
-            kc, vc = self.cache.k[i], self.cache.v[i]
-            kc.index_copy_(2, pos, k)
-            vc.index_copy_(2, pos, v)
+            q = apply_rope(q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)
+            k = apply_rope(k.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)
+            v = v.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+            kc, vc = self.cache.k[i][rows], self.cache.v[i][rows]
+            kc.index_copy_(2, write, k)
+            vc.index_copy_(2, write, v)
             gqa = self.n_heads != self.kv_heads
-            if causal:
-                o = F.scaled_dot_product_attention(q, kc[:, :, :T], vc[:, :, :T], is_causal=True, enable_gqa=gqa)
+            if causal_from is not None:
+                span = slice(causal_from, causal_from + T)
+                o = F.scaled_dot_product_attention(q, kc[:, :, span], vc[:, :, span], is_causal=True, enable_gqa=gqa)
             else:
                 o = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, enable_gqa=gqa)
-            x = x + linear(attn.o_proj, o.transpose(1, 2).reshape(1, T, q_rows), dense)
+            x = x + linear(attn.o_proj, o.transpose(1, 2).reshape(B, T, q_rows), dense)
             mlp, h = layer.mlp, layer.post_attention_layernorm(x)
             if self.fused:
                 gate, up = _fused(self.fused[i][1], h, dense).chunk(2, -1)
@@ -241,11 +258,13 @@ class CompiledStep:
     """`decode_one_token` of one decoder as it runs: compiled (`torch.compile`, fullgraph, static
     shapes) and, on CUDA, captured once as a graph over static token/position buffers."""
 
-    def __init__(self, dec: Decoder, *, compile: bool, cuda_graph: bool, mode: str | None, tune: bool):
+    def __init__(self, dec: Decoder, *, compile: bool, cuda_graph: bool, mode: str | None, tune: bool,
+                 phase=None):
         self.dec = dec
+        phase = phase or decode_one_token       # decode_one_token_batch for a batch decoder
 
         def fn(token, pos):
-            return decode_one_token(dec, token, pos)
+            return phase(dec, token, pos)
 
         if compile:
             fn = torch.compile(fn, fullgraph=True, dynamic=False, **({"mode": mode} if mode else {}))
@@ -266,7 +285,7 @@ class CompiledStep:
         """Compile (and capture) now, outside any timed region. The warm-up writes one KV row at
         `pos`, a position the next prefill or decode step overwrites before reading it."""
         device = self.dec.vlm.device
-        token = torch.zeros(1, dtype=torch.long, device=device)
+        token = torch.zeros(self.dec.batch, dtype=torch.long, device=device)
         position = torch.tensor([pos], device=device)
         watch = Stopwatch(device)
         if self.compiled or self.use_graph:
@@ -320,6 +339,58 @@ def decode_n_tokens(step, first: torch.Tensor, pos: int, n: int, *, done=None, c
     return out[:produced].tolist()
 
 
+# ---- the batched phases (B prompts at once, left-padded into one cache; see `Decoder`) ---------------
+@torch.no_grad()
+def prefill_rows(dec: Decoder, inputs) -> torch.Tensor:
+    """Write each prompt's KV into its cache row so that all prompts end at slot P (the longest),
+    set `dec.row_start`, and return the first new token of every row [B]. Each row is prefilled on
+    its own, at its own positions 0..L-1: the same math as a one-row prefill (so the first token is
+    the single-row one), with a prefill's memory at any batch size; prefill is compute-bound, so
+    stacking prompts would gain little."""
+    lengths = [inp.context_tokens for inp in inputs]
+    end = max(lengths)
+    dec.row_start.copy_(torch.tensor([end - n for n in lengths], device=dec.row_start.device))
+    first = []
+    for b, (inp, n) in enumerate(zip(inputs, lengths)):
+        h = dec.layers_forward(inp.embeds.to(dec.vlm.dtype), torch.arange(end - n, end, device=dec.vlm.device),
+                               dec.cos[:n][None, None], dec.sin[:n][None, None], causal_from=end - n,
+                               rows=slice(b, b + 1))
+        first.append(dec.pick(h[:, -1]).reshape(1))
+    return torch.cat(first)
+
+
+def decode_one_token_batch(dec: Decoder, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """The tokens after `token` [B], all written at cache slot `pos` [1]; row b is at RoPE position
+    pos − row_start[b] and attends to slots row_start[b]..pos (its own prompt and answer)."""
+    x = dec.vlm.text_model.embed_tokens(token)[:, None]                  # [B,1,hidden]
+    rope = pos - dec.row_start                                           # [B]
+    keys = dec.key_positions[None]
+    mask = ((keys <= pos[:, None]) & (keys >= dec.row_start[:, None]))[:, None, None]   # [B,1,1,max_len]
+    h = dec.layers_forward(x, pos, dec.cos[rope][:, None, None], dec.sin[rope][:, None, None], mask=mask)
+    return dec.pick(h[:, -1])
+
+
+@torch.no_grad()
+def decode_n_tokens_batch(step, first: torch.Tensor, pos: int, n: int, *, done=None,
+                          check_every: int = 8) -> list[list[int]]:
+    """`decode_n_tokens` for B rows: `first` [B] and the tokens after it, n per row. With `done`
+    (natural length), the loop ends once every row is done; a row that is done keeps stepping with
+    the others (its extra tokens are cut by `answer_tokens`), so the step's shapes never change."""
+    rows = first.shape[0]
+    out = torch.empty(rows, n, dtype=torch.long, device=first.device)
+    out[:, 0] = first
+    position = torch.tensor([pos], device=first.device)
+    token, produced = first, 1
+    for i in range(1, n):
+        token = step(token, position)
+        out[:, i] = token
+        position += 1
+        produced = i + 1
+        if done is not None and produced % check_every == 0 and all(map(done, out[:, :produced].tolist())):
+            break
+    return out[:, :produced].tolist()
+
+
 class FastDecodeEngine:
     """The `fast_decode` engine: static KV cache, eager prefill, compiled decode step replayed as a
     CUDA graph. The decoder, its fused projections and the step are rebuilt when the weights change
@@ -340,6 +411,8 @@ class FastDecodeEngine:
         self.step: CompiledStep | None = None
         self._prev_prompt = None                # prefix reuse: the previous prompt, whose KV is in the cache
         self.compile_s = self.capture_s = 0.0
+        self.batch_decoder: Decoder | None = None   # the latest batch size's cache and step (one at a time:
+        self.batch_step: CompiledStep | None = None  # a 7b batch-32 cache is tens of GB)
 
     @property
     def fused(self) -> list | None:
@@ -362,6 +435,58 @@ class FastDecodeEngine:
             self.compile_s += self.step.compile_s
             self.capture_s += self.step.capture_s
         return self.step
+
+    def bind_batch(self, vlm, batch: int, needed: int) -> Decoder:
+        """The batch decoder: `batch` cache rows of at least `needed` positions, on the single-row
+        decoder's weights and fused projections (fused once per set of weights). A new one drops the
+        previous batch size's cache and step first."""
+        single = self.bind(vlm)
+        cur = self.batch_decoder
+        if (cur is not None and cur.weights == single.weights and cur.batch == batch and cur.max_len >= needed
+                and cur.eos_threshold == single.eos_threshold):
+            return cur
+        keep = cur.max_len if cur is not None and cur.weights == single.weights and cur.batch == batch else 0
+        self.batch_decoder = self.batch_step = None
+        self.batch_decoder = Decoder(vlm, max_len=max(-(-needed // self.block) * self.block, keep), fused=single.fused,
+                                     temperature=self.temperature, eos_threshold=single.eos_threshold, batch=batch)
+        return self.batch_decoder
+
+    def compile_batch_step(self, dec: Decoder, pos: int) -> CompiledStep:
+        """`decode_one_token_batch` compiled (and captured) once per batch decoder."""
+        if self.batch_step is None:
+            self.batch_step = CompiledStep(dec, compile=self.compile, cuda_graph=self.cuda_graph,
+                                           mode=self.compile_mode, tune=self.tune, phase=decode_one_token_batch)
+            self.batch_step.warm(pos)
+            self.compile_s += self.batch_step.compile_s
+            self.capture_s += self.batch_step.capture_s
+        return self.batch_step
+
+    @torch.no_grad()
+    def generate_batch(self, vlm, inputs, *, new_tokens: int, fixed: bool = True) -> list[Stage4Result]:
+        """B prompts in one pass: each prefilled into its own cache row (left-padded to the longest),
+        then one compiled step per token for all rows. A fixed budget gives every row `new_tokens`
+        (EOS masked); natural length ends each row at its EOS or stop rule, and the loop once every
+        row has ended. Each result carries the batch's times (every row waited for them)."""
+        if len(inputs) == 1:
+            return [self.generate(vlm, inputs[0], new_tokens=new_tokens, fixed=fixed)]
+        end = max(inp.context_tokens for inp in inputs)
+        dec = self.bind_batch(vlm, len(inputs), end + new_tokens)
+        dec.forbid_eos(fixed)
+        step = self.compile_batch_step(dec, end)
+        rule = None if fixed else vlm.decoding.stop_rule
+        eos = dec.eos_id
+        done = None if fixed else (lambda seen: eos in seen or (rule is not None and rule.sentences_done(seen) is not None))
+        watch = Stopwatch(vlm.device)
+        watch.start()
+        first = prefill_rows(dec, inputs)
+        watch.lap("prefill")
+        rows = decode_n_tokens_batch(step, first, end, new_tokens, done=done, check_every=self.check_every)
+        watch.lap("decode")
+        info = {"compile_s": self.compile_s, "capture_s": self.capture_s, "cache_len": dec.max_len,
+                "cuda_graph": step.graph is not None, "compiled": self.compile, "batch": len(inputs),
+                "prefix_reused": 0}
+        return [Stage4Result(answer_tokens(tokens, fixed=fixed, eos=eos, rule=rule), watch.seconds["prefill"],
+                             watch.seconds["decode"], info=dict(info)) for tokens in rows]
 
     @torch.no_grad()
     def generate(self, vlm, inp, *, new_tokens: int, fixed: bool = True) -> Stage4Result:
@@ -404,3 +529,138 @@ class FastDecodeEngine:
         dec = self.bind(vlm, inp.context_tokens + len(tokens))
         self._prev_prompt = None                  # scoring overwrites the cache from position 0
         return teacher_forced(dec, inp, tokens)
+
+
+# ---- speculative decoding: one verification loop, drafts differ ------------------------------------
+class LayerDraft:
+    """The target's own first `layers` layers (+ final norm + lm_head) on the target's decoder and
+    cache (LayerSkip's self-draft). The verify forward rewrites those layers' KV at every drafted
+    position, so nothing needs rolling back."""
+
+    def __init__(self, layers: int):
+        self.layers = layers
+        self.name = f"self (first {layers} layers)"
+        self.info = {"draft": "self", "draft_layers": layers}
+
+    def begin(self, dec: Decoder, inp, *, needed: int, fixed: bool) -> None:
+        self.dec, self.start = dec, inp.context_tokens
+
+    @torch.no_grad()
+    def propose(self, out: list[int], k: int) -> list[int]:
+        dec = self.dec
+        dev = dec.vlm.device
+        t, pos, drafts = torch.tensor([out[-1]], device=dev), self.start + len(out) - 1, []
+        for p in range(pos, pos + k):
+            h = dec.forward(dec.vlm.text_model.embed_tokens(t)[None], torch.tensor([p], device=dev), causal=False,
+                            layers=self.layers)
+            t = dec.pick(h[:, -1])
+            drafts.append(t)
+        return torch.cat(drafts).tolist() if drafts else []
+
+    def keep(self, accepted: int) -> None:
+        pass
+
+
+class ModelDraft:
+    """Another model drafting for the target: its own decoder on its own static cache, decoding from
+    its own stage-4 input (`inputs(target_input)` gives it: the target's input itself when both share
+    stages 1–3, else the draft's rendering of the same scene). Its cache keeps the KV of the accepted
+    tokens it has seen (`have`); tokens it has not (the target's correction, a last accepted draft)
+    are fed in one forward before the next drafts."""
+
+    def __init__(self, vlm, inputs, *, name: str):
+        self.vlm, self.inputs, self.name = vlm, inputs, name
+        self.info = {"draft": name}
+        self.dec: Decoder | None = None
+
+    @torch.no_grad()
+    def begin(self, dec: Decoder, inp, *, needed: int, fixed: bool) -> None:
+        own = self.inputs(inp)
+        self.dec = decoder_for(self.vlm, self.dec, own.context_tokens + needed)
+        self.dec.forbid_eos(fixed)
+        prefill(self.dec, own.embeds)
+        self.start, self.have, self.fed = own.context_tokens, 0, 0
+
+    @torch.no_grad()
+    def propose(self, out: list[int], k: int) -> list[int]:
+        self.fed = 0
+        if k == 0:
+            return []
+        dec, dev = self.dec, self.vlm.device
+        embed = self.vlm.text_model.embed_tokens
+        pending = torch.tensor(out[self.have:], device=dev)
+        pos = torch.arange(self.start + self.have, self.start + len(out), device=dev)
+        t = dec.pick(dec.forward(embed(pending)[None], pos, causal=False)[:, -1])
+        self.have, drafts = len(out), [t]
+        for p in range(self.start + len(out), self.start + len(out) + k - 1):
+            t = dec.pick(dec.forward(embed(t)[None], torch.tensor([p], device=dev), causal=False)[:, -1])
+            drafts.append(t)
+        self.fed = k - 1                          # drafts whose KV is in the cache (all but the last)
+        return torch.cat(drafts).tolist()
+
+    def keep(self, accepted: int) -> None:
+        self.have += min(accepted, self.fed)
+
+
+@torch.no_grad()
+def verify_drafts(dec: Decoder, draft, first: int, *, start: int, new_tokens: int, draft_tokens: int,
+                  done=None) -> tuple[list[int], dict]:
+    """The verification loop every speculative engine shares. From the target's `first` token at
+    position `start`, the draft proposes up to `draft_tokens` tokens; the target runs [last token,
+    drafts] in one forward, keeps the longest prefix it agrees with plus its own next token, and the
+    draft is told how many it kept. Greedy: the tokens are the target's own (its `pick`, EOS bias
+    included). Rejected KV rows lie beyond every later query's position until overwritten. Stops at
+    `new_tokens` or once `done(tokens)` (natural length)."""
+    dev = dec.vlm.device
+    embed = dec.vlm.text_model.embed_tokens
+    out, verifies, drafted, accepted = [first], 0, 0, 0
+    while len(out) < new_tokens and not (done is not None and done(out)):
+        k = min(draft_tokens, new_tokens - len(out) - 1)
+        drafts = draft.propose(out, k) if k else []
+        pos = start + len(out) - 1
+        seq = torch.tensor([out[-1], *drafts], device=dev)
+        preds = dec.pick(dec.forward(embed(seq)[None], torch.arange(pos, pos + len(seq), device=dev),
+                                     causal=False)[0]).tolist()
+        m = 0
+        while m < len(drafts) and drafts[m] == preds[m]:
+            m += 1
+        draft.keep(m)
+        out += drafts[:m] + [preds[m]]
+        verifies, drafted, accepted = verifies + 1, drafted + len(drafts), accepted + m
+    return out, {"verify_forwards": verifies, "drafted": drafted, "accepted": accepted,
+                 "acceptance_rate": accepted / max(1, drafted), "tokens_per_verify": (len(out) - 1) / max(1, verifies)}
+
+
+class SpeculativeEngine:
+    """Greedy speculative decoding on the fast_decode phases: the target's prefill, then
+    `verify_drafts` with any draft (`LayerDraft`: the target's first layers; `ModelDraft`: another
+    model). The output is the target's greedy output, EOS masked under a fixed budget as in every
+    engine. Eager (no graph): the accepted length varies per step."""
+
+    capabilities = frozenset()
+
+    def __init__(self, draft, *, draft_tokens: int, name: str = "speculative"):
+        self.draft, self.draft_tokens, self.name = draft, draft_tokens, name
+        self.decoder: Decoder | None = None
+
+    @torch.no_grad()
+    def generate(self, vlm, inp, *, new_tokens: int, fixed: bool = True) -> Stage4Result:
+        L, n = inp.context_tokens, self.draft_tokens
+        self.decoder = dec = decoder_for(vlm, self.decoder, L + new_tokens + n + 1)
+        dec.forbid_eos(fixed)
+        rule = None if fixed else vlm.decoding.stop_rule
+        eos = dec.eos_id
+        done = None if fixed else (lambda seen: eos in seen or (rule is not None and rule.sentences_done(seen) is not None))
+        watch = Stopwatch(vlm.device)
+        watch.start()
+        first = int(prefill(dec, inp.embeds))
+        self.draft.begin(dec, inp, needed=new_tokens + n + 1, fixed=fixed)
+        watch.lap("prefill")
+        tokens, stats = verify_drafts(dec, self.draft, first, start=L, new_tokens=new_tokens, draft_tokens=n, done=done)
+        watch.lap("decode")
+        return Stage4Result(answer_tokens(tokens, fixed=fixed, eos=eos, rule=rule), watch.seconds["prefill"],
+                            watch.seconds["decode"], info={**stats, **self.draft.info, "draft_tokens": n})
+
+    def score(self, vlm, inp, tokens: list[int]) -> torch.Tensor:
+        self.decoder = decoder_for(vlm, self.decoder, inp.context_tokens + len(tokens))
+        return teacher_forced(self.decoder, inp, tokens)

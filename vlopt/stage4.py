@@ -3,7 +3,8 @@ change decoding by declaring what they need instead of reaching into each other.
 
 - `Stage4Input` (what stage 4 decodes from) and `VisualFeatures` (what an adapter's `features()`
   returns: rows, and per-row CLS scores and groups when asked for).
-- `Engine`: `generate` and `score`, and the `capabilities` it offers.
+- `Engine`: `generate` and `score`, and the `capabilities` it offers; optionally `generate_batch`
+  (B prompts in one pass; without it `generate_rows` runs them one at a time).
 - `Decoding`: the holder on every model (`vlm.decoding`). It runs the installed engine inside the
   wrappers passes added, carries the decoding options passes set (stop rule, prefix reuse, head
   shards), and checks compatibility from what each engine offers and each wrapper needs.
@@ -127,6 +128,21 @@ class Engine(Protocol):
 
     def score(self, vlm, inp: Stage4Input, tokens: list[int]) -> torch.Tensor: ...
 
+    # Optional: `generate_batch(vlm, inputs: list[Stage4Input], *, new_tokens, fixed) -> list[Stage4Result]`,
+    # one result per input, the greedy answers those of `generate` on each input alone. An engine
+    # without it is served by `generate_rows`.
+
+
+def generate_rows(engine, vlm, inputs: list[Stage4Input], *, new_tokens: int, fixed: bool = True) -> list[Stage4Result]:
+    """Every engine's batch: the engine's own `generate_batch` when it has one, else its `generate`
+    on each input in turn (each result then has its own row's times and `info["batch"] == 1`)."""
+    if hasattr(engine, "generate_batch"):
+        return engine.generate_batch(vlm, inputs, new_tokens=new_tokens, fixed=fixed)
+    results = [engine.generate(vlm, inp, new_tokens=new_tokens, fixed=fixed) for inp in inputs]
+    for r in results:
+        r.info = {**r.info, "batch": 1}
+    return results
+
 
 class Wrapper:
     """Something a pass puts around every stage-4 call (a kernel choice, hooks armed for the call).
@@ -138,10 +154,16 @@ class Wrapper:
     name: ClassVar[str] = "wrapper"
     needs: ClassVar[str | None] = None
     refuses_other_engines: ClassVar[bool] = False
+    # True: `around_batch(inputs)` serves a whole batch in one call (a wrapper that does not depend
+    # on the input). False: a batch runs row by row, each row inside `around(inp)`.
+    batches: ClassVar[bool] = False
     why: str = ""
 
     def around(self, inp: Stage4Input):
         return contextlib.nullcontext()
+
+    def around_batch(self, inputs: list[Stage4Input]):
+        return self.around(inputs[0])
 
     def info(self) -> dict:
         """Merged into each result's `info` (what the report shows per row)."""
@@ -211,6 +233,31 @@ class Decoding:
         for w in self.wrappers:
             result.info = {**result.info, **w.info()}
         return result
+
+    def unbatched(self) -> list[str]:
+        """Names of the wrappers that cannot serve a batch in one call (a batch then runs row by row)."""
+        return [w.name for w in self.wrappers if not w.batches]
+
+    def generate_batch(self, inputs: list[Stage4Input], *, new_tokens: int, fixed: bool = True) -> list[Stage4Result]:
+        """Stage 4 of several inputs: one result per input, in order. In one pass of the engine when
+        it batches and every wrapper does; otherwise row by row through `generate` (each result's
+        info says `batch: 1` and, when a wrapper was the reason, `unbatched_by`)."""
+        if not inputs:
+            return []
+        blockers = self.unbatched()
+        if blockers:
+            results = [self.generate(inp, new_tokens=new_tokens, fixed=fixed) for inp in inputs]
+            for r in results:
+                r.info = {**r.info, "batch": 1, "unbatched_by": blockers}
+            return results
+        with contextlib.ExitStack() as stack:
+            for w in self.wrappers:
+                stack.enter_context(w.around_batch(inputs))
+            results = generate_rows(self.engine, self.vlm, inputs, new_tokens=new_tokens, fixed=fixed)
+        for r in results:
+            for w in self.wrappers:
+                r.info = {**r.info, **w.info()}
+        return results
 
     def score(self, inp: Stage4Input, tokens: list[int]) -> torch.Tensor:
         with self._wrapped(inp):

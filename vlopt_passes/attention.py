@@ -44,6 +44,7 @@ class SdpaFlashOnly(Wrapper):
 
     name = "sdpa_flash"
     needs = TRANSFORMERS_FORWARD
+    batches = True          # a kernel choice, the same for every input
     why = ("attention flash (SDPA restricted to its flash kernel) acts on transformers' attention calls; it does "
            "not carry into this engine's own attention calls, which use SDPA's default kernel choice")
 
