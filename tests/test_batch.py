@@ -144,3 +144,64 @@ def test_batches_compose_with_the_stop_rule_and_the_feature_cache(videollava):
     assert videollava.feature_store.hits == len(inputs) - len(WORKLOADS["videollava"])   # one encode per clip
     alone = [videollava.stage4(inp, new_tokens=16, fixed=False).tokens for inp in inputs]
     assert [r.tokens for r in videollava.decoding.generate_batch(inputs, new_tokens=16, fixed=False)] == alone
+
+
+# ---- the throughput-vs-batch benchmark -------------------------------------------------------------
+def _vlopt(*args, cwd=None):
+    import os
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", "vlopt.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "VLOPT_LOAD_PLUGINS": "", "OMP_NUM_THREADS": "1"})
+
+
+def test_bench_batch_reports_throughput_latency_memory_and_the_ratio_to_batch_1(tmp_path):
+    import json
+
+    out = tmp_path / "b.json"
+    proc = _vlopt("bench", "--device", "cpu", "--samples", "1", "--warmup", "0", "--new-tokens", "4",
+                  "--batch", "1,3", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "throughput vs batch" in proc.stdout
+    table = json.loads(out.read_text())["batch"]
+    one, three = table["rows"]
+    assert (one["batch"], three["batch"]) == (1, 3) and one["vs_batch_1"] == 1.0
+    assert three["new_tokens"] == 3 * one["new_tokens"] == 12 and three["one_pass"]
+    assert three["tokens_per_s"] == pytest.approx(12 / (three["stage4_ms"] / 1e3))
+    assert three["vs_batch_1"] == pytest.approx(three["tokens_per_s"] / one["tokens_per_s"])
+    assert three["stage4_per_clip_ms"] == pytest.approx(three["stage4_ms"] / 3)
+    assert three["peak_mem_mb"] is None and three["peak_mem_kind"].startswith("n/a")      # CPU
+
+
+@pytest.mark.parametrize("value", ["1,x", "0,4", "4,4", ""])
+def test_bad_batch_sizes_are_one_line_errors(value):
+    proc = _vlopt("bench", "--device", "cpu", "--batch", value)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--batch" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("value, message", [("[]", "at least one"), ("[1, 1]", "distinct"), ("[0]", "between 1"),
+                                            ("['4']", "valid integer"), ("[true]", "valid integer")])
+def test_the_recipe_batch_key_is_strict(tmp_path, value, message):
+    from vlopt.errors import VloptError
+    from vlopt.recipe import load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text(f"model: {{name: eventgpt}}\nbenchmark: {{batch: {value}}}\n")
+    with pytest.raises(VloptError, match=f"benchmark.batch.*{message}"):
+        load_recipe(path)
+
+
+def test_a_recipe_with_batch_sizes_gets_the_table_and_the_chart(tmp_path):
+    from vlopt.testing import run_recipe
+
+    recipe = {"model": {"name": "eventgpt", "preset": "tiny", "dtype": "float32", "device": "cpu"},
+              "benchmark": {"samples": 1, "warmup": 0, "new_tokens": 4, "batch": [1, 2]},
+              "passes": [{"type": "fast_decode", "compile": False}]}
+    result = run_recipe(recipe, tmp_path, output=True)
+    assert result.exit_code == 0, result.failures
+    tables = result.report["batch"]
+    assert list(tables) == ["baseline", "after passes"]
+    assert tables["baseline"]["engine"] == "hf_generate" and tables["after passes"]["engine"] == "fast_decode"
+    assert [r["batch"] for r in tables["after passes"]["rows"]] == [1, 2]
+    assert (tmp_path / "out" / "vlopt_report_batch.png").stat().st_size > 0
+    assert "## Throughput vs batch size" in (tmp_path / "out" / "vlopt_report.md").read_text()

@@ -99,6 +99,8 @@ def bench(model: str = typer.Option("eventgpt", help="eventgpt | videollava | a 
           input_path: Optional[Path] = typer.Option(None, "--input", help="Event file / frames folder / image."),
           allow_pickle: bool = typer.Option(False, help="Allow the original pickled-dict event .npy (runs code)."),
           compare: bool = typer.Option(False, "--compare", help="Both models; print the seed's comparison table."),
+          batch: Optional[str] = typer.Option(None, "--batch", help="Also time stage 4 at these batch sizes, "
+                                                                    "e.g. 1,4,16,32 (throughput vs batch)."),
           json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result JSON here.")):
     """Time stages 1–4 (stage 4 split into prefill and decode) for one model or both. A folder
     written by `vlopt apply` is loaded with its runtime passes re-applied (its saved dtype), so the
@@ -109,6 +111,9 @@ def bench(model: str = typer.Option("eventgpt", help="eventgpt | videollava | a 
     from vlopt.models import load_model
     from vlopt.plugins import get_registry
 
+    from vlopt.bench_batch import batch_table, parse_batch_sizes
+
+    sizes = parse_batch_sizes(batch) if batch is not None else None
     rank = _init_distributed()
     if rank != 0:
         STATE["quiet"], json_out = True, None
@@ -127,6 +132,11 @@ def bench(model: str = typer.Option("eventgpt", help="eventgpt | videollava | a 
         with console.status(f"benchmarking {vlm.name} on {wl.name}"):
             results.append(benchmark(vlm, wl, samples=samples, warmup=warmup, new_tokens=new_tokens,
                                      fixed=not natural, input_path=str(input_path) if input_path else None))
+        if sizes:
+            with console.status(f"stage 4 of {vlm.name} at batch sizes {sizes}"):
+                results[-1]["batch"] = batch_table(vlm, wl, batches=sizes, samples=samples, warmup=warmup,
+                                                   new_tokens=new_tokens, fixed=not natural,
+                                                   input_path=str(input_path) if input_path else None)
         del vlm
     if rank != 0:
         return
@@ -136,11 +146,21 @@ def bench(model: str = typer.Option("eventgpt", help="eventgpt | videollava | a 
         ("stage4_s", "stage-4 s", ".3f"), ("share", "share of 1–4", ".1%"), ("tokens", "tokens", ".0f"),
         ("tok_s", "tok/s (stage 4)", ".1f"), ("prefill_ms", "prefill ms", ".1f"),
         ("decode_tok_s", "decode tok/s", ".1f"), ("ratio", "ratio", ".2f")])
+    for r in results if sizes else []:
+        _print_batch_table(r)
     if json_out:
         payload = {"compare": rows, "results": results} if compare else results[0]
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(payload, indent=2, default=str))
         console.print(f"wrote {json_out}")
+
+
+def _print_batch_table(result: dict) -> None:
+    from vlopt.bench_batch import COLUMNS
+
+    table = result["batch"]
+    _print_table(f"{result['model']['name']} · {table['workload']} · {table['engine']}: throughput vs batch "
+                 f"(peak memory: {table['rows'][0]['peak_mem_kind']})", table["rows"], COLUMNS)
 
 
 @app.command()

@@ -82,6 +82,16 @@ def measure(vlm, workload, plan: Plan) -> dict:
                            input_path=plan.input_path)
 
 
+def measure_batches(vlm, workload, plan: Plan, say) -> dict:
+    """The throughput-vs-batch table (`benchmark.batch`) of the model as it is now."""
+    from vlopt.bench_batch import batch_table
+
+    b = plan.recipe.benchmark
+    say(f"measuring stage 4 at batch sizes {b.batch}")
+    return batch_table(vlm, workload, batches=b.batch, samples=b.samples, warmup=b.warmup,
+                       new_tokens=b.new_tokens or workload.new_tokens, fixed=not b.natural, input_path=plan.input_path)
+
+
 def _speedup(before: dict | None, after: dict | None) -> float | None:
     if not before or not after:
         return None
@@ -191,6 +201,7 @@ def run(recipe, configs, *, recipe_path: Path, output: Path | None, force: bool 
 
     say("benchmarking the baseline")
     baseline = measure(vlm, workload, plan)
+    batches = {"baseline": measure_batches(vlm, workload, plan, say)} if b.batch else {}
     say("recording the baseline's greedy output for fidelity")
     reference = fidelity.reference(vlm, workload, input_path=plan.input_path,
                                    new_tokens=b.fidelity_tokens or b.new_tokens or workload.new_tokens)
@@ -214,7 +225,11 @@ def run(recipe, configs, *, recipe_path: Path, output: Path | None, force: bool 
         if row.status == "interrupted" or not continue_on_error:
             break
 
+    if b.batch and any(r.applied for r in rows):
+        batches["after passes"] = measure_batches(vlm, workload, plan, say)
     record = report(vlm, plan, workload, baseline, rows)
+    if batches:
+        record["batch"] = batches
     written = None
     if output is not None:
         say(f"writing {output}")

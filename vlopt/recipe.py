@@ -22,6 +22,7 @@ from vlopt.errors import VloptError
 MAX_NEW_TOKENS = 4096     # the token budget's cap, here and in `vlopt bench --new-tokens`
 MAX_VALUES = 20_000       # values in one recipe, counting every use of a YAML anchor (a recipe has ~50)
 MAX_ERRORS = 5            # validation problems listed in one message
+MAX_BATCH = 512           # the largest batch size, here and in `vlopt bench --batch` / `vlopt run --batch`
 
 _STRICT = ConfigDict(extra="forbid", strict=True)
 
@@ -62,7 +63,27 @@ class BenchmarkSpec(BaseModel):
     input: str | None = None          # event file / frames folder; default: the synthetic demo input
     fidelity_tokens: int | None = Field(None, ge=2, le=MAX_NEW_TOKENS)
 
+    # Batch sizes for the throughput-vs-batch table (vlopt.bench_batch), e.g. [1, 4, 16, 32]; none: no table.
+    batch: list[int] | None = None
+
     check_input = field_validator("input")(_a_path)
+
+    @field_validator("batch")
+    @classmethod
+    def _batch_sizes(cls, sizes: list[int] | None) -> list[int] | None:
+        return None if sizes is None else check_batch_sizes(sizes)
+
+
+def check_batch_sizes(sizes: list[int]) -> list[int]:
+    """Batch sizes: a non-empty list of distinct whole numbers 1..MAX_BATCH, in the order given."""
+    if not sizes:
+        raise ValueError("give at least one batch size, e.g. [1, 4, 16, 32]")
+    bad = [s for s in sizes if not 1 <= s <= MAX_BATCH]
+    if bad:
+        raise ValueError(f"batch sizes must be between 1 and {MAX_BATCH}, not {bad[0]}")
+    if len(set(sizes)) != len(sizes):
+        raise ValueError("batch sizes must be distinct")
+    return sizes
 
 
 class Recipe(BaseModel):

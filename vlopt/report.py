@@ -52,7 +52,15 @@ def markdown(report: dict) -> str:
     lines.append("Speedups are stage-4 time ratios measured in this run against the baseline model. "
                  "Fidelity is teacher-forced on the baseline's greedy output (top-1 agreement, mean "
                  "KL(baseline‖pass)) plus the first position where the pass's own greedy output departs.")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + batch_section(report)
+
+
+def batch_section(report: dict) -> str:
+    """The throughput-vs-batch tables, when the recipe asked for them (else nothing)."""
+    if not report.get("batch"):
+        return ""
+    from vlopt import bench_batch
+    return "\n" + bench_batch.markdown(report["batch"])
 
 
 def chart(report: dict, path: Path) -> None:
@@ -87,3 +95,6 @@ def write(report: dict, folder: Path) -> None:
     (folder / "vlopt_report.json").write_text(json.dumps(report, indent=2, default=str))
     (folder / "vlopt_report.md").write_text(markdown(report))
     chart(report, folder / "vlopt_report.png")
+    if report.get("batch"):                     # the recipe asked for batch sizes (benchmark.batch)
+        from vlopt import bench_batch
+        bench_batch.chart(report["batch"], folder / "vlopt_report_batch.png", title=report["model"]["label"])
