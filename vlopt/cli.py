@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from vlopt.recipe import MAX_NEW_TOKENS
+from vlopt.recipe import MAX_BATCH, MAX_NEW_TOKENS
 
 # `vlopt` alone is a usage error like any other (one line, exit 2), not the help text.
 app = typer.Typer(add_completion=False, no_args_is_help=False, pretty_exceptions_enable=False,
@@ -114,6 +114,9 @@ def bench(model: str = typer.Option("eventgpt", help="eventgpt | videollava | a 
     from vlopt.bench_batch import batch_table, parse_batch_sizes
 
     sizes = parse_batch_sizes(batch) if batch is not None else None
+    from vlopt.bench_batch import batch_table, parse_batch_sizes
+
+    sizes = parse_batch_sizes(batch) if batch is not None else None
     rank = _init_distributed()
     if rank != 0:
         STATE["quiet"], json_out = True, None
@@ -153,6 +156,14 @@ def bench(model: str = typer.Option("eventgpt", help="eventgpt | videollava | a 
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(payload, indent=2, default=str))
         console.print(f"wrote {json_out}")
+
+
+def _print_batch_table(result: dict) -> None:
+    from vlopt.bench_batch import COLUMNS
+
+    table = result["batch"]
+    _print_table(f"{result['model']['name']} · {table['workload']} · {table['engine']}: throughput vs batch "
+                 f"(peak memory: {table['rows'][0]['peak_mem_kind']})", table["rows"], COLUMNS)
 
 
 def _print_batch_table(result: dict) -> None:
@@ -210,6 +221,49 @@ def apply(recipe: Path = typer.Argument(..., help="The recipe YAML."),
         print(f"vlopt: {failure}", file=sys.stderr)
     if result.exit_code:
         raise typer.Exit(result.exit_code)
+
+
+@app.command("run")
+def run_inputs(target: str = typer.Argument(..., help="A recipe YAML, or a folder `vlopt apply` or save_pretrained wrote."),
+               inputs: list[str] = typer.Argument(..., help="Event files, videos, images, frame folders, or "
+                                                           "folders of them."),
+               batch: int = typer.Option(8, "--batch", min=1, max=MAX_BATCH, help="Inputs per stage-4 batch."),
+               question: Optional[str] = typer.Option(None, "--question", help="The question (default: the "
+                                                                               "built-in one)."),
+               output: Path = typer.Option(Path("answers.jsonl"), "-o", "--output",
+                                           help="The answers file (JSON lines; appended to, answered inputs skipped)."),
+               new_tokens: Optional[int] = typer.Option(None, min=1, max=MAX_NEW_TOKENS,
+                                                        help="Token budget per answer (default: the workload's)."),
+               fixed: bool = typer.Option(False, "--fixed", help="Always produce the whole budget (EOS masked)."),
+               device: Optional[str] = typer.Option(None, help="cpu | cuda | auto (overrides the recipe)."),
+               workload: Optional[str] = typer.Option(None, help="One workload for every input (default: by each "
+                                                                 "input's kind).")):
+    """Answer a folder or list of inputs, batched, one JSON line per input (input, question, answer,
+    error, tokens, timing). Resumable; under torchrun the inputs are split across ranks and rank 0
+    writes the file."""
+    from vlopt import run as runner
+    from vlopt.errors import VloptError
+
+    if device is not None and device not in ("cpu", "cuda", "auto"):
+        raise VloptError(f"--device must be cpu, cuda or auto, not '{device}'")
+    say = (lambda msg: None) if STATE["quiet"] else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    summary = runner.run(target, inputs, output=output, batch=batch, question=question, new_tokens=new_tokens,
+                         fixed=fixed, device=device, workload=workload, progress=say)
+    if _rank() != 0:
+        return
+    left = summary["unanswered"]
+    print(f"{output}: {summary['answered']} answered, {summary['errors']} errors, "
+          f"{summary['skipped']} already answered, {len(left)} unanswered", file=sys.stderr)
+    for why in summary["failures"]:
+        print(f"vlopt: {why}; its {len(left)} inputs are unanswered: run the same command again to finish them",
+              file=sys.stderr)
+    if left or summary["errors"]:
+        raise typer.Exit(1)
+
+
+def _rank() -> int:
+    import os
+    return int(os.environ.get("RANK", "0"))
 
 
 def _init_distributed() -> int:
