@@ -166,14 +166,6 @@ def _print_batch_table(result: dict) -> None:
                  f"(peak memory: {table['rows'][0]['peak_mem_kind']})", table["rows"], COLUMNS)
 
 
-def _print_batch_table(result: dict) -> None:
-    from vlopt.bench_batch import COLUMNS
-
-    table = result["batch"]
-    _print_table(f"{result['model']['name']} · {table['workload']} · {table['engine']}: throughput vs batch "
-                 f"(peak memory: {table['rows'][0]['peak_mem_kind']})", table["rows"], COLUMNS)
-
-
 @app.command()
 def apply(recipe: Path = typer.Argument(..., help="The recipe YAML."),
           output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output directory (overrides the recipe's)."),
