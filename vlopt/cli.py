@@ -101,12 +101,15 @@ def bench(model: str = typer.Option("eventgpt", help="eventgpt | videollava | a 
           compare: bool = typer.Option(False, "--compare", help="Both models; print the seed's comparison table."),
           batch: Optional[str] = typer.Option(None, "--batch", help="Also time stage 4 at these batch sizes, "
                                                                     "e.g. 1,4,16,32 (throughput vs batch)."),
+          scenes: Optional[int] = typer.Option(None, "--scenes", min=1, max=10_000,
+                                               help="Also answer N held-out scenes: task accuracy (trained weights)."),
           json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result JSON here.")):
     """Time stages 1–4 (stage 4 split into prefill and decode) for one model or both. A folder
     written by `vlopt apply` is loaded with its runtime passes re-applied (its saved dtype), so the
     optimized model is what gets timed; under torchrun (tensor_parallel) rank 0 alone prints and writes."""
     from vlopt.bench import benchmark, compare_table
-    from vlopt.checkpoint import MANIFEST
+    from vlopt.bench import cpu_conditions
+    from vlopt.checkpoint import is_vlopt_output
     from vlopt.manager import load_optimized
     from vlopt.models import load_model
     from vlopt.plugins import get_registry
@@ -114,23 +117,24 @@ def bench(model: str = typer.Option("eventgpt", help="eventgpt | videollava | a 
     from vlopt.bench_batch import batch_table, parse_batch_sizes
 
     sizes = parse_batch_sizes(batch) if batch is not None else None
-    from vlopt.bench_batch import batch_table, parse_batch_sizes
-
-    sizes = parse_batch_sizes(batch) if batch is not None else None
     rank = _init_distributed()
     if rank != 0:
         STATE["quiet"], json_out = True, None
+    if json_out:                                # refused now, not after minutes of benchmarking
+        from vlopt.checkpoint import check_creatable
+        check_creatable(json_out, "--json")
     console = _console()
     names = sorted(get_registry().models) if compare else [model]
-    results = []
+    results, conditions = [], None
     for name in names:
         is_path = not compare and (Path(name).exists() or "/" in name)
         with console.status(f"building {name} ({'checkpoint' if is_path else preset})"):
-            if is_path and (Path(name) / MANIFEST).is_file():
+            if is_path and is_vlopt_output(Path(name)):   # the rule vlopt.load follows: only through its manifest
                 vlm = load_optimized(name, device=device)
             else:
                 vlm = load_model(None if is_path else name, preset=preset, path=name if is_path else None,
                                  dtype=dtype, device=device, allow_pickle=allow_pickle)
+        conditions = conditions or cpu_conditions(vlm.device)
         wl = vlm.workload(None if compare else workload)
         with console.status(f"benchmarking {vlm.name} on {wl.name}"):
             results.append(benchmark(vlm, wl, samples=samples, warmup=warmup, new_tokens=new_tokens,
@@ -140,6 +144,8 @@ def bench(model: str = typer.Option("eventgpt", help="eventgpt | videollava | a 
                 results[-1]["batch"] = batch_table(vlm, wl, batches=sizes, samples=samples, warmup=warmup,
                                                    new_tokens=new_tokens, fixed=not natural,
                                                    input_path=str(input_path) if input_path else None)
+        if scenes:
+            results[-1]["quality"] = _bench_quality(vlm, wl, scenes, console)
         del vlm
     if rank != 0:
         return
@@ -151,11 +157,57 @@ def bench(model: str = typer.Option("eventgpt", help="eventgpt | videollava | a 
         ("decode_tok_s", "decode tok/s", ".1f"), ("ratio", "ratio", ".2f")])
     for r in results if sizes else []:
         _print_batch_table(r)
+    for r in results if scenes else []:
+        _print_quality(r)
+    for r in results:
+        r["timing"] = conditions
+    _warn_if_busy(conditions)
     if json_out:
         payload = {"compare": rows, "results": results} if compare else results[0]
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(payload, indent=2, default=str))
+        _write_atomically(json_out, json.dumps(payload, indent=2, default=str))
         console.print(f"wrote {json_out}")
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write `text` to a temporary sibling and rename it over `path`: a reader (or a Ctrl-C) never
+    sees half a file. A path that cannot be written is one line, after the results were printed."""
+    import os
+
+    from vlopt.checkpoint import check_creatable
+    from vlopt.errors import VloptError
+
+    path = path.absolute()
+    if path.is_dir():
+        raise VloptError(f"--json {path} is a directory; give a file path")
+    check_creatable(path, "--json")            # a file or an unwritable folder on the way to it
+    tmp = path.parent / f".{path.name}.vlopt-tmp-{os.getpid()}"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise VloptError(f"could not write --json {path}: {err.strerror or err}") from None
+
+
+def _bench_quality(vlm, wl, scenes: int, console) -> dict:
+    """`vlopt bench --scenes N`: accuracy on N held-out scenes, or why it is not measurable."""
+    from vlopt.evaluate import NOT_MEASURABLE, evaluate_model
+
+    if vlm.weights_trained is False:
+        return {"not_measured": NOT_MEASURABLE}
+    with console.status(f"answering {scenes} held-out scenes with {vlm.name}"):
+        result = evaluate_model(vlm, wl, scenes_n=scenes)
+    return {k: result[k] for k in ("accuracy", "scenes", "seed", "per_kind")}
+
+
+def _print_quality(result: dict) -> None:
+    q, name = result["quality"], result["model"]["name"]
+    if q.get("not_measured"):
+        print(f"{name}: {q['not_measured']}")
+        return
+    print(f"{name}: accuracy {q['accuracy']:.1%} on {q['scenes']} held-out scenes (seed {q['seed']}); "
+          + ", ".join(f"{k} {v:.0%}" for k, v in q["per_kind"].items()))
 
 
 def _print_batch_table(result: dict) -> None:
@@ -188,6 +240,7 @@ def apply(recipe: Path = typer.Argument(..., help="The recipe YAML."),
         import yaml
 
         plan = manager.resolve(rec, configs, recipe_path=recipe.absolute(), output=out, force=force)
+        manager.check_preflight(plan, device)
         console = _console()
         for i, step in enumerate(plan.steps()):
             console.print(f"{i + 1}. {step['pass']} ({step['plugin']}, v{step['version']}): "
@@ -199,20 +252,33 @@ def apply(recipe: Path = typer.Argument(..., help="The recipe YAML."),
     if rank != 0:                 # under torchrun only rank 0 writes the report and the checkpoint
         STATE["quiet"], out = True, None
     console = _console()
+    from vlopt.report import markdown
+
+    def show(record):             # the report is printed before anything is written: a write error loses nothing
+        if rank == 0:
+            print(markdown(record), flush=True)
+
     with console.status("starting") as status:
         result = manager.run(rec, configs, recipe_path=recipe.absolute(), output=out,
                              force=force, device=device, continue_on_error=continue_on_error,
-                             progress=lambda msg: status.update(msg))
-    from vlopt.report import markdown
+                             progress=lambda msg: status.update(msg), on_report=show)
     if rank != 0:
         raise typer.Exit(result.exit_code)
-    print(markdown(result.report))
     if result.output:
         console.print(f"wrote {result.output}")
     for failure in result.failures:
         print(f"vlopt: {failure}", file=sys.stderr)
+    _warn_if_busy(result.report.get("timing"))
+    if result.write_error:
+        print(f"vlopt: error: {result.write_error}", file=sys.stderr)
     if result.exit_code:
         raise typer.Exit(result.exit_code)
+
+
+def _warn_if_busy(conditions: dict | None) -> None:
+    """One line after the results when the machine was loaded while they were timed."""
+    if conditions and conditions.get("warning"):
+        print(f"vlopt: warning: {conditions['warning']}", file=sys.stderr)
 
 
 @app.command("run")
@@ -274,6 +340,36 @@ def _init_distributed() -> int:
     return dist.get_rank()
 
 
+@app.command(name="eval")
+def eval_(model: Optional[str] = typer.Option(None, help="eventgpt | videollava | … (default eventgpt)"),
+          preset: Optional[str] = typer.Option(None, help="The model's preset (default tiny)."),
+          recipe: Optional[Path] = typer.Option(None, help="A recipe: its model with its passes applied."),
+          checkpoint: Optional[Path] = typer.Option(None, help="A folder: `vlopt apply` output or a checkpoint."),
+          workload: Optional[str] = typer.Option(None, help="Default: the recipe's, else the model's own."),
+          scenes: Optional[int] = typer.Option(None, help="Held-out scenes, one question each (default 100, "
+                                                          "or the recipe's quality_scenes)."),
+          seed: Optional[int] = typer.Option(None, help="Scene seed of the evaluation split (default 1, or the recipe's)."),
+          device: str = typer.Option("auto", help="cpu | cuda | auto"),
+          dtype: str = typer.Option("auto", help="auto | bfloat16 | float16 | float32 (presets and plain folders)"),
+          json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result JSON here.")):
+    """Task accuracy (exact match) on fresh scenes of the synthetic scene task, overall and per
+    question kind: of a preset, a recipe's optimized model, or a saved folder."""
+    from vlopt.evaluate import run_eval
+
+    result = run_eval(model=model, preset=preset, recipe=recipe, checkpoint=checkpoint, workload=workload,
+                      scenes_n=scenes, seed=seed, device=device, dtype=dtype, progress=_console().print)
+    if result.get("note"):
+        print(f"vlopt: note: {result['note']}", file=sys.stderr)
+    print(f"accuracy {result['accuracy']:.1%} on {result['scenes']} scenes (seed {result['seed']}, "
+          f"{result['workload']}, {result['model']['label']})")
+    for kind, acc in result["per_kind"].items():
+        print(f"  {kind:<10} {acc:.1%}")
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result, indent=2, default=str))
+        _console().print(f"wrote {json_out}")
+
+
 @app.command()
 def passes(as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
     """Every registered pass with its config fields, types and defaults."""
@@ -318,6 +414,7 @@ def plugins():
 @app.command()
 def verify(folder: Path = typer.Argument(..., help="A directory written by `vlopt apply`.")):
     """Check a checkpoint against its sha256 manifest; exit 1 naming any missing, extra or altered file."""
+    from vlopt.checkpoint import holds_weights, junk_files
     from vlopt.checkpoint import verify as verify_dir
 
     problems = verify_dir(folder)
@@ -325,7 +422,13 @@ def verify(folder: Path = typer.Argument(..., help="A directory written by `vlop
         for p in problems:
             print(f"vlopt: {folder}: {p}", file=sys.stderr)
         raise typer.Exit(1)
-    print(f"{folder}: ok")
+    junk = junk_files(folder)
+    ignored = f" (ignored: {', '.join(junk)}, files that file browsers and notebooks add)" if junk else ""
+    if not holds_weights(folder):
+        print(f"vlopt: {folder}: intact, but it is the report of a run that failed: no weights, not a loadable "
+              f"checkpoint{ignored}", file=sys.stderr)
+        raise typer.Exit(1)
+    print(f"{folder}: ok, a loadable checkpoint{ignored}")
 
 
 @app.command()

@@ -62,6 +62,10 @@ class BenchmarkSpec(BaseModel):
     natural: bool = False             # stop at EOS instead of a fixed token budget
     input: str | None = None          # event file / frames folder; default: the synthetic demo input
     fidelity_tokens: int | None = Field(None, ge=2, le=MAX_NEW_TOKENS)
+    # Answer quality on held-out scenes of the synthetic task (vlopt.evaluate); 0 turns it off.
+    quality_scenes: int = Field(100, ge=0, le=10_000)
+    quality_seed: int = Field(1, ge=0, le=2**32 - 1)
+    quality_tokens: int = Field(24, ge=1, le=256)    # the natural-length answer's token cap
 
     # Batch sizes for the throughput-vs-batch table (vlopt.bench_batch), e.g. [1, 4, 16, 32]; none: no table.
     batch: list[int] | None = None

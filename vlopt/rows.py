@@ -17,8 +17,16 @@ class Quality:
 
     task_accuracy: float | None = None
     answer_agreement: float | None = None
-    example: dict | None = None            # {"question", "before", "after"}
+    example: dict | None = None            # {"question", "expected", "before", "after", "scene", "kind"}
     not_measured: str | None = None
+    scenes: int | None = None              # held-out evaluation scenes (one question each)
+    seed: int | None = None                # their `vlopt.scenes` seed
+    per_kind: dict | None = None           # accuracy per question kind
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Quality:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 @dataclass
@@ -44,6 +52,7 @@ class PassRow:
     speedup_vs_baseline: float | None = None
     speedup_vs_previous: float | None = None
     fidelity: dict | None = None           # teacher-forced against the baseline (vlopt.fidelity)
+    timing: dict | None = None             # interleaved against the unoptimized reference: ratio spread, within_noise
     quality: Quality | None = None
 
     @property
@@ -71,5 +80,5 @@ class PassRow:
         values.setdefault("lossless", False)
         values.setdefault("deterministic", True)
         if isinstance(values.get("quality"), dict):
-            values["quality"] = Quality(**values["quality"])
+            values["quality"] = Quality.from_dict(values["quality"])
         return cls(**values)

@@ -17,7 +17,10 @@ from vlopt.errors import VloptError
 __all__ = ["ModelFamily", "Workload", "get_workload", "PRESETS", "load_model", "describe", "resolve_device",
            "resolve_dtype"]
 
-PRESETS = ("tiny", "7b")
+# tiny: the trained tiny model where one ships (vlopt/weights/), else seeded random weights;
+# tiny-random: seeded random weights of the same small kind (shape-only tests); 7b: exact full-size
+# shapes, random weights (speed only).
+PRESETS = ("tiny", "tiny-random", "7b")
 
 
 @dataclass(frozen=True)
@@ -132,7 +135,28 @@ def load_model(name: str | None = None, *, preset: str = "tiny", path: str | Non
             raise VloptError("dtype 'saved' applies to checkpoints only; give a dtype for a preset")
         vlm = family.build(preset, dtype=torch_dtype, device=device)
     vlm.source["allow_pickle"] = allow_pickle
+    _mark_weights(vlm, Path(path) if path is not None else None)
     return vlm
+
+
+TRAINING_RECORD = "vlopt_training.json"   # what `python -m vlopt.train --out DIR` writes beside the weights
+
+
+def _mark_weights(vlm, folder: Path | None) -> None:
+    """Say where the weights come from (`VLModel.weights_trained`), in `vlm.source["weights"]` and in
+    the config, so that checkpoints written from this model keep it. A mark already there (the
+    builder's, or one saved in the config) wins; else a preset is its seeded random init and a
+    folder with vlopt.train's record is trained; other folders stay unmarked (unknown)."""
+    from vlopt.models.base import WEIGHTS_MARK
+
+    mark = vlm.source.get("weights") or getattr(vlm.hf.config, WEIGHTS_MARK, None)
+    if mark is None and folder is None:
+        mark = "random"
+    elif mark is None and (folder / TRAINING_RECORD).is_file():
+        mark = "trained"
+    if mark is not None:
+        vlm.source["weights"] = mark
+        setattr(vlm.hf.config, WEIGHTS_MARK, mark)
 
 
 def describe(name: str, preset: str) -> dict:

@@ -19,6 +19,10 @@ from vlopt.stage4 import Decoding, Stage4Input, VisualFeatures
 
 __all__ = ["VLModel", "Stage4Input", "VisualFeatures", "Workload", "FeatureStore", "seeded_init"]
 
+# The config attribute that says where the weights come from ("trained" | "random"): set on load by
+# `vlopt.models.load_model`, so every checkpoint written from the model (save_pretrained) keeps it.
+WEIGHTS_MARK = "vlopt_weights"
+
 
 class FeatureStore(Protocol):
     """Visual rows kept across calls (feature_cache): `key` names what the rows of one input depend
@@ -129,6 +133,18 @@ class VLModel:
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.text_model.embed_tokens(ids.to(self.device))
+
+    @property
+    def weights_trained(self) -> bool | None:
+        """Whether answers can mean anything (quality is measured only then): True for trained
+        weights, False for a preset's seeded random init, None when nothing says (a checkpoint
+        without a mark, e.g. a release). Read from `source["weights"]` ("trained" | "random"; the
+        builder or loader sets it, `load_model` fills it in) or the mark the weights carry in their
+        config (`WEIGHTS_MARK`, saved with them); vlopt.train's fresh model has `source["trained"]`."""
+        mark = self.source.get("weights") or getattr(self.hf.config, WEIGHTS_MARK, None)
+        if mark is None and "trained" in self.source:
+            mark = "trained"
+        return {"trained": True, "random": False}.get(mark)
 
     @property
     def eos_token_id(self) -> int:
