@@ -45,9 +45,10 @@ def _peak_reset(device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def _peak_mb(device) -> tuple[float, str]:
+def _peak_mb(device, exclude_mb: float = 0.0) -> tuple[float, str]:
+    """Peak memory; on CUDA, less `exclude_mb` (what other models held on the device meanwhile)."""
     if torch.device(device).type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
+        return torch.cuda.max_memory_allocated(device) / 2**20 - exclude_mb, "cuda_max_allocated"
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_max_rss"
 
@@ -68,12 +69,8 @@ def run_sample(vlm, workload: Workload, *, input_path: str | None, new_tokens: i
             "visual_tokens": inp.visual_tokens}
 
 
-def benchmark(vlm, workload: Workload, *, samples: int = 3, warmup: int = 1, new_tokens: int | None = None,
-              fixed: bool = True, input_path: str | None = None, questions: list[str] | None = None) -> dict:
-    """Run `warmup` untimed and `samples` timed passes of stages 1–4; return the benchmark JSON."""
-    from vlopt.machine import machine_info
-
-    new_tokens = new_tokens or workload.new_tokens
+def _questions(workload: Workload, questions: list[str] | None, warmup: int) -> tuple[list[str], int]:
+    """The questions to cycle through and the warm-up count that covers each of them once."""
     if questions is None and workload.questions > 1:
         from vlopt.models.tokenizer import QUESTIONS
         questions = QUESTIONS[: workload.questions]
@@ -82,14 +79,31 @@ def benchmark(vlm, workload: Workload, *, samples: int = 3, warmup: int = 1, new
         # Every question once before timing: each prompt length is a new shape, and on the H100 a
         # shape's first prefill cost up to ~1 s (bench/results/h100/passes.md), which is warm-up.
         warmup = max(warmup, len(questions))
+    return questions, warmup
+
+
+def benchmark(vlm, workload: Workload, *, samples: int = 3, warmup: int = 1, new_tokens: int | None = None,
+              fixed: bool = True, input_path: str | None = None, questions: list[str] | None = None) -> dict:
+    """Run `warmup` untimed and `samples` timed passes of stages 1–4; return the benchmark JSON."""
+    new_tokens = new_tokens or workload.new_tokens
+    questions, warmup = _questions(workload, questions, warmup)
     for i in range(warmup):
         run_sample(vlm, workload, input_path=input_path, new_tokens=new_tokens, fixed=fixed,
                    question=questions[i % len(questions)])
     _peak_reset(vlm.device)
     runs = [run_sample(vlm, workload, input_path=input_path, new_tokens=new_tokens, fixed=fixed,
                        question=questions[(warmup + i) % len(questions)]) for i in range(samples)]
-    peak_mb, peak_kind = _peak_mb(vlm.device)
+    peak = _peak_mb(vlm.device)
+    return _summary(vlm, workload, runs, peak, new_tokens=new_tokens, fixed=fixed, samples=samples,
+                    warmup=warmup, input_path=input_path)
 
+
+def _summary(vlm, workload: Workload, runs: list[dict], peak: tuple[float, str], *, new_tokens: int, fixed: bool,
+             samples: int, warmup: int, input_path: str | None) -> dict:
+    """The benchmark JSON of one model from its timed samples."""
+    from vlopt.machine import machine_info
+
+    peak_mb, peak_kind = peak
     prefill = [r["result"].prefill_s for r in runs]
     generated = [len(r["result"].tokens) for r in runs]
     per_token = [r["result"].decode_s / max(1, n - 1) for r, n in zip(runs, generated)]
@@ -125,6 +139,114 @@ def benchmark(vlm, workload: Workload, *, samples: int = 3, warmup: int = 1, new
         "stages": stages,
         "stage4": stage4,
     }
+
+
+# ---- interleaved measurement against an unoptimized reference --------------------------------------
+# A ratio whose effect is under this is not told apart from noise on a CPU, whatever the spread.
+NOISE_FLOOR = 0.02
+
+
+def ratio_spread(ratios: list[float]) -> dict:
+    """Spread of per-round speedups (reference time / model time). `within_noise`: the spread of
+    the rounds is at least the effect (in log terms, max/min ≥ |median − 1|, so rounds disagree
+    about the ratio by more than the ratio departs from 1), or the effect is under NOISE_FLOOR;
+    a single round has no spread to judge by, so only the floor applies."""
+    import math
+
+    ordered = sorted(ratios)
+    median = statistics.median(ordered)
+    q1, q3 = (statistics.quantiles(ordered, n=4, method="inclusive")[::2] if len(ordered) > 1
+              else (median, median))
+    effect = abs(math.log(median))
+    spread = math.log(ordered[-1] / ordered[0])
+    return {"min": ordered[0], "q1": q1, "median": median, "q3": q3, "max": ordered[-1], "rounds": len(ordered),
+            "within_noise": effect < math.log1p(NOISE_FLOOR) or (len(ordered) > 1 and spread >= effect)}
+
+
+def interleaved(reference, vlm, workload: Workload, *, samples: int = 3, warmup: int = 1,
+                new_tokens: int | None = None, fixed: bool = True, input_path: str | None = None,
+                questions: list[str] | None = None) -> dict:
+    """Time `vlm` and the unoptimized `reference` (a second instance of the same model) in
+    alternating rounds — reference first in even rounds, `vlm` first in odd ones (ABBA) — so load
+    on a shared machine falls on both sides alike. Returns `vlm`'s benchmark JSON with a
+    `vs_reference` block: the reference's stage-4 median and the spread of the per-round ratios."""
+    new_tokens = new_tokens or workload.new_tokens
+    questions, warmup = _questions(workload, questions, warmup)
+    common = dict(input_path=input_path, new_tokens=new_tokens, fixed=fixed)
+    for i in range(warmup):
+        for model in (reference, vlm):
+            run_sample(model, workload, question=questions[i % len(questions)], **common)
+    mine, theirs, peaks = [], [], []
+    for i in range(samples):
+        question = questions[(warmup + i) % len(questions)]
+        for model in ((reference, vlm) if i % 2 == 0 else (vlm, reference)):
+            if model is vlm:
+                _peak_reset(vlm.device)
+                mine.append(run_sample(vlm, workload, question=question, **common))
+                # The reference's weights stay resident on the device; the rest of the peak is vlm's.
+                peaks.append(_peak_mb(vlm.device, exclude_mb=_own_mb(reference)))
+            else:
+                theirs.append(run_sample(reference, workload, question=question, **common))
+    peak = max(peaks, key=lambda p: p[0])
+    result = _summary(vlm, workload, mine, peak, new_tokens=new_tokens, fixed=fixed, samples=samples,
+                      warmup=warmup, input_path=input_path)
+    ratios = [r["times"]["4"] / m["times"]["4"] for r, m in zip(theirs, mine)]
+    result["vs_reference"] = {**ratio_spread(ratios),
+                              "reference_stage4_ms": statistics.median(r["times"]["4"] for r in theirs) * 1e3,
+                              "reference_stages": {s: _spread([r["times"][s] for r in theirs]) for s in ("1", "2", "3")},
+                              "method": "alternating (ABBA) rounds against a second, unoptimized instance"}
+    return result
+
+
+def _own_mb(vlm) -> float:
+    """MB of `vlm`'s own tensors on a CUDA device (0 on CPU, where peak memory is the process's)."""
+    if torch.device(vlm.device).type != "cuda":
+        return 0.0
+    return sum(tensor_bytes(t) for t in (*vlm.hf.parameters(), *vlm.hf.buffers())) / 2**20
+
+
+# ---- CPU threads and machine load -------------------------------------------------------------------
+def spin_utilization(seconds: float = 0.05) -> float:
+    """CPU time this thread got per second of wall time over a short busy loop: ~1.0 on an idle
+    core, lower when other processes take turns on it."""
+    import time
+
+    wall0, cpu0 = time.perf_counter(), time.thread_time()
+    while time.perf_counter() - wall0 < seconds:
+        sum(range(1000))
+    return (time.thread_time() - cpu0) / (time.perf_counter() - wall0)
+
+
+def cpu_conditions(device, *, load: tuple[float, float, float] | None = None, cores: int | None = None,
+                   spin: float | None = None, set_threads: bool = True) -> dict:
+    """Choose torch's CPU thread count deliberately and record what timing ran under: threads, the
+    cores this process may use, the load average and a calibration spin. Threads: OMP_NUM_THREADS
+    or VLOPT_THREADS when set; else the cores not already busy (cores − 1-minute load, at least
+    one), because threads beyond the free cores wait on other processes and multiply times.
+    `warning` is one line when the machine is loaded. (`load`, `cores`, `spin`: given instead of
+    measured.)"""
+    import os
+
+    cores = cores or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    load = load or (os.getloadavg() if hasattr(os, "getloadavg") else (0.0, 0.0, 0.0))
+    spin = spin_utilization() if spin is None else spin
+    on_cpu = torch.device(device).type == "cpu"
+    asked = os.environ.get("VLOPT_THREADS") or os.environ.get("OMP_NUM_THREADS")
+    if not on_cpu:
+        threads, why = torch.get_num_threads(), "left as is (timing on the GPU)"
+    elif asked and asked.isdigit() and int(asked) > 0:
+        threads, why = int(asked), "VLOPT_THREADS" if os.environ.get("VLOPT_THREADS") else "OMP_NUM_THREADS"
+    else:
+        threads = max(1, min(cores, cores - round(load[0])))
+        why = f"free cores: {cores} cores − load {load[0]:.1f}"
+    if on_cpu and set_threads:
+        torch.set_num_threads(threads)
+    busy = [f"load average {load[0]:.1f} on {cores} cores"] if load[0] > cores else []
+    busy += [f"a calibration spin got {spin:.0%} of a core"] if spin < 0.75 else []
+    warning = (f"the machine is busy ({'; '.join(busy)}): timings are noisy; read the spread (min–max) of each "
+               "figure") if busy else None
+    return {"device": str(device), "torch_threads": threads, "threads_chosen_by": why, "cores": cores,
+            "load_average": [round(x, 2) for x in load], "spin_utilization": round(spin, 3), "warning": warning}
 
 
 def compare_table(results: list[dict]) -> list[dict]:

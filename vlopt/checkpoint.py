@@ -9,6 +9,7 @@ sibling directory that is renamed into place only when complete.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -19,14 +20,44 @@ from vlopt.errors import VloptError
 
 MANIFEST = "vlopt_manifest.json"
 RECIPE = "vlopt_recipe.yaml"
+# Files that file browsers and notebooks drop into any folder they open. They are no part of a
+# checkpoint: verify and load ignore them (and `vlopt verify` says so) instead of refusing it.
+JUNK_NAMES = {".DS_Store", "Thumbs.db", "desktop.ini"}
+JUNK_DIRS = {".ipynb_checkpoints", "__MACOSX"}
+
+
+def is_junk(relative: Path) -> bool:
+    """A well-known junk file (Finder's .DS_Store and ._* resource forks, Explorer's Thumbs.db,
+    Jupyter's .ipynb_checkpoints), given relative to the checkpoint folder."""
+    return (relative.name in JUNK_NAMES or relative.name.startswith("._")
+            or any(part in JUNK_DIRS for part in relative.parts[:-1]))
 
 
 def check_output(out: Path, *, force: bool) -> None:
+    """Refuse, before any work, an output that exists as a file, is not empty (without --force), or
+    cannot be created: a file on the way to it, or a directory there that this process cannot write."""
+    out = Path(out).absolute()
     if out.exists() and not out.is_dir():
         raise VloptError(f"output {out} exists and is a file; choose another output path")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise VloptError(f"output {out} exists and is not empty; pass --force to replace it, or choose "
                          "another output path")
+    check_creatable(out)
+
+
+def check_creatable(path: Path, what: str = "output") -> None:
+    """Refuse a path that cannot be created: a file on the way to it, or its nearest existing folder
+    not writable by this process."""
+    path = Path(path).absolute()
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise VloptError(f"{what} {path} cannot be created: {ancestor} is a file, not a directory; choose "
+                         "another path")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise VloptError(f"{what} {path} cannot be created: {ancestor} is not writable; choose another "
+                         "path or make it writable")
 
 
 def _sha256(path: Path) -> str:
@@ -110,9 +141,58 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _save_pretrained(hf, folder: Path, **kwargs) -> None:
+    """`save_pretrained` without the load-time conversions transformers cannot invert. A model loaded
+    from a torchao checkpoint (an int8 output) carries a deserializing converter with no reverse,
+    and saving it raised NotImplementedError; the module names are already the saved ones, so those
+    converters are set aside while saving, as for a model built in memory."""
+    conversions = getattr(hf, "_weight_conversions", None)
+    if conversions:
+        hf._weight_conversions = [c for c in conversions if _reversible(c)] or None
+    try:
+        hf.save_pretrained(str(folder), **kwargs)
+    finally:
+        if conversions:
+            hf._weight_conversions = conversions
+
+
+def _reversible(conversion) -> bool:
+    try:
+        conversion.reverse_transform()
+    except (NotImplementedError, ValueError):
+        return False
+    return True
+
+
+def _same_modes(folder: Path) -> None:
+    """Every file readable as the umask allows (safetensors wrote weights 0600, the rest 0644)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in folder.rglob("*"):
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
+
+
+@contextlib.contextmanager
+def _sigint_blocked():
+    """Hold Ctrl-C (SIGINT stays pending) across the two renames that swap an output, so an interrupt
+    cannot fall between them and leave no output at all; it is delivered right after."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def write_output(out: Path, *, vlm, resolved: dict, report: dict, state_dict=None, force: bool = False) -> Path:
     """Write the whole directory next to `out`, then rename it into place. `vlm=None` writes the
-    report and recipe only (a run that failed: no weights to trust)."""
+    report and recipe only (a run that failed: no weights to trust). If writing fails, the temporary
+    sibling is removed; an error raised here names it if it could not be."""
     import yaml
 
     from vlopt import report as report_files
@@ -129,7 +209,7 @@ def write_output(out: Path, *, vlm, resolved: dict, report: dict, state_dict=Non
         if vlm is not None:
             state_dict = state_dict if state_dict is not None else _separate_views(vlm.hf.state_dict())
             kwargs = {"state_dict": state_dict} if state_dict is not None else {}
-            vlm.hf.save_pretrained(str(tmp), **kwargs)
+            _save_pretrained(vlm.hf, tmp, **kwargs)
             vlm.tokenizer.save_pretrained(str(tmp))
             stray = [p.name for p in tmp.iterdir() if p.suffix in (".bin", ".pt", ".pkl", ".pth")]
             if stray:
@@ -138,6 +218,7 @@ def write_output(out: Path, *, vlm, resolved: dict, report: dict, state_dict=Non
                 canonicalize_safetensors(f)
         (tmp / RECIPE).write_text(yaml.safe_dump(resolved, sort_keys=False))
         report_files.write(report, tmp)
+        _same_modes(tmp)
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         manifest = {"complete": vlm is not None,
                     "files": {str(p.relative_to(tmp)): _sha256(p) for p in files}}
@@ -148,17 +229,25 @@ def write_output(out: Path, *, vlm, resolved: dict, report: dict, state_dict=Non
         with open(tmp / MANIFEST, "rb") as fh:
             os.fsync(fh.fileno())
         _fsync_dir(tmp)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if tmp.exists() and isinstance(err, Exception):
+            raise VloptError(f"{err}; the partial output {tmp} could not be removed, delete it") from err
         raise
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.vlopt-old-{os.getpid()}"
-        out.rename(old)
-    tmp.rename(out)
-    _fsync_dir(out.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    old = out.parent / f".{out.name}.vlopt-old-{os.getpid()}" if out.exists() else None
+    try:
+        with _sigint_blocked():
+            if old is not None:
+                out.rename(old)
+            tmp.rename(out)
+        _fsync_dir(out.parent)
+    finally:
+        if old is not None and old.exists():
+            if out.exists():
+                shutil.rmtree(old, ignore_errors=True)
+            else:                       # the swap failed half-way: the previous output goes back
+                old.rename(out)
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -183,8 +272,30 @@ def verify(folder: Path) -> list[str]:
         elif _sha256(p) != digest:
             problems.append(f"altered file {name}")
     present = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()} - {MANIFEST}
+    present = {name for name in present if name in expected or not is_junk(Path(name))}
     problems += [f"extra file {name}" for name in sorted(present - set(expected))]
     return problems
+
+
+def junk_files(folder: Path) -> list[str]:
+    """The well-known junk files in a checkpoint folder that verification ignores (`is_junk`)."""
+    folder = Path(folder)
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
+                  if p.is_file() and is_junk(p.relative_to(folder)))
+
+
+def is_vlopt_output(folder: Path) -> bool:
+    """A folder `vlopt apply` wrote (or began to): it has the manifest or the saved recipe. Such a
+    folder is loaded only through its verified manifest, by `vlopt.load` and `vlopt bench` alike."""
+    return (Path(folder) / MANIFEST).exists() or (Path(folder) / RECIPE).exists()
+
+
+def holds_weights(folder: Path) -> bool:
+    """False for the report-only folder of a failed run (its manifest says so)."""
+    try:
+        return bool(json.loads((Path(folder) / MANIFEST).read_text()).get("complete"))
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False
 
 
 def read_output(folder) -> dict:
@@ -192,6 +303,9 @@ def read_output(folder) -> dict:
     import yaml
 
     folder = Path(folder)
+    if folder.is_dir() and not is_vlopt_output(folder):
+        raise VloptError(f"{folder} was not written by `vlopt apply` (no {MANIFEST} or {RECIPE}); load plain "
+                         "weights with vlopt.load_model(path=...) or time them with `vlopt bench --model`")
     problems = verify(folder)
     if problems:
         raise VloptError(f"{folder} fails verification: " + "; ".join(problems))

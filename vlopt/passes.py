@@ -32,10 +32,20 @@ class PassConfig(BaseModel):
     why_nondeterministic: ClassVar[str] = ""
     once: ClassVar[bool] = False              # True: may appear once in a recipe
     moved: ClassVar[dict[str, str]] = {}      # a key this pass no longer takes → what to write instead
+    # The capabilities of the stage-4 engine this pass installs (vlopt.stage4); None: it installs none.
+    # Lets another pass's preflight see, before the run, an engine it cannot work under.
+    engine_capabilities: ClassVar[frozenset[str] | None] = None
 
     @classmethod
     def changes_weights(cls) -> bool:
         return cls.persistence != RUNTIME
+
+    def preflight(self, facts: ModelFacts, plan) -> list[str]:
+        """Problems this pass would hit that are knowable before any weights are built: the device,
+        the model's widths, the launch, the other passes (`plan.configs`, in recipe order; this
+        config is one of them). Each is one line saying what to change. `vlopt apply --dry-run` and
+        the start of every run (before the baseline) collect them; the default finds none."""
+        return []
 
     @model_validator(mode="before")
     @classmethod
@@ -53,6 +63,22 @@ class ModuleSelection(PassConfig):
     type: str
     targets: list[str] = ["re:.*"]
     ignore: list[str] | None = None
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What a pass's preflight may know about the model without its weights: the family's preset
+    config (or the checkpoint's config.json) and where the run happens."""
+
+    family: str
+    preset: str | None                 # None: a checkpoint folder
+    device: str                        # resolved: "cpu" | "cuda"
+    world_size: int                    # processes of a torchrun launch (1 without one)
+    hidden_size: int | None = None     # decoder widths (None: not known for this model)
+    intermediate_size: int | None = None
+    num_layers: int | None = None
+    num_heads: int | None = None
+    num_kv_heads: int | None = None
 
 
 @dataclass

@@ -19,6 +19,11 @@ class Config(PassConfig):
     implementation: Literal["eager", "sdpa", "flash"] = "sdpa"
     lossless: ClassVar[bool] = True   # same math; differences are rounding only
 
+    def preflight(self, facts, plan) -> list[str]:
+        if self.implementation == "flash" and facts.device != "cuda":
+            return ["attention implementation 'flash' needs a CUDA GPU; on CPU use 'sdpa' or 'eager'"]
+        return []
+
 
 def apply(vlm, cfg: Config, ctx) -> PassOutcome:
     import importlib.util

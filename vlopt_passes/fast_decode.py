@@ -13,6 +13,7 @@ from pydantic import Field
 
 from vlopt.hookspecs import hookimpl
 from vlopt.passes import PassConfig, PassOutcome
+from vlopt.stage4 import PREFIX_REUSE
 
 
 class Config(PassConfig):
@@ -25,6 +26,7 @@ class Config(PassConfig):
     tune: bool = True                  # Inductor coordinate-descent tuning while the step compiles
     lossless: ClassVar[bool] = True               # same math as the baseline; rounding differs
     once: ClassVar[bool] = True
+    engine_capabilities: ClassVar[frozenset[str] | None] = frozenset({PREFIX_REUSE})   # FastDecodeEngine's
 
 
 def apply(vlm, cfg: Config, ctx) -> PassOutcome:

@@ -41,6 +41,17 @@ class Config(ModuleSelection):
         "backend": f"int4 is torchao's; it picks its `kernel` (tinygemm or triton) within torchao. {BITSANDBYTES}",
         **{k: BITSANDBYTES for k in ("quant_type", "double_quant", "compute_dtype")}}
 
+    def preflight(self, facts, plan) -> list[str]:
+        # Every decoder Linear is quantized in groups along its input: the hidden width (q/k/v/o,
+        # gate/up) and the MLP width (down). torchao asserts on a group that does not divide them.
+        widths = {"hidden": facts.hidden_size, "MLP": facts.intermediate_size}
+        if all(w is None or w % self.group_size == 0 for w in widths.values()):
+            return []
+        fits = [g for g in (32, 64, 128, 256) if all(w is None or w % g == 0 for w in widths.values())]
+        shown = ", ".join(f"{k} {w}" for k, w in widths.items() if w is not None)
+        return [f"int4.group_size {self.group_size} does not divide the decoder's widths ({shown}); "
+                + (f"use group_size {' or '.join(map(str, fits))}" if fits else "int4 cannot quantize this model")]
+
     @model_validator(mode="after")
     def _dense_prefill_is_tinygemms(self):
         if self.kernel == "triton" and self.dense_prefill is not None:

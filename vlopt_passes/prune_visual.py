@@ -38,6 +38,21 @@ class Config(PassConfig):
     after_layer: int = Field(2, ge=1)   # fastv: layers from this index on see the pruned rows
     once: ClassVar[bool] = True
 
+    def preflight(self, facts, plan) -> list[str]:
+        if self.method != "fastv":
+            return []
+        problems = []
+        if facts.num_layers is not None and self.after_layer >= facts.num_layers:
+            problems.append(f"prune_visual.after_layer must be below the decoder's {facts.num_layers} layers, "
+                            f"got {self.after_layer}")
+        # Any engine pass whose engine does not decode through transformers' forward refuses fastv,
+        # in either order (vlopt.stage4.Decoding.install / wrap).
+        others = [c.type for c in plan.configs if c is not self and c.engine_capabilities is not None
+                  and TRANSFORMERS_FORWARD not in c.engine_capabilities]
+        if others:
+            problems.append(f"{FastV.why} (this recipe also has {', '.join(others)})")
+        return problems
+
 
 class KeepTopRows:
     def __init__(self, keep: float):

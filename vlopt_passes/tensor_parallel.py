@@ -29,6 +29,18 @@ class Config(PassConfig):
     lossless: ClassVar[bool] = True      # same math; the all-reduce changes summation order only
     once: ClassVar[bool] = True
 
+    def preflight(self, facts, plan) -> list[str]:
+        problems = []
+        if facts.world_size != self.size:
+            launch = "without torchrun" if facts.world_size == 1 else f"under {facts.world_size} torchrun processes"
+            problems.append(f"tensor_parallel.size {self.size} needs {self.size} processes, but vlopt runs {launch}: "
+                            f"run `torchrun --nproc-per-node {self.size} -m vlopt.cli apply RECIPE`")
+        kv = facts.num_kv_heads or facts.num_heads
+        if (kv and kv % self.size) or (facts.intermediate_size and facts.intermediate_size % self.size):
+            problems.append(f"tensor_parallel.size {self.size} must divide the {kv} key/value heads and the MLP "
+                            f"width {facts.intermediate_size}")
+        return problems
+
 
 def apply(vlm, cfg: Config, ctx) -> PassOutcome:
     import torch

@@ -46,6 +46,8 @@ def saved_dtypes(folder: Path) -> dict:
     names = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
     out = {}
     for f in sorted(folder.glob("*.safetensors")):
+        if f.name.startswith("._"):           # a macOS resource fork beside the real file, not weights
+            continue
         with safe_open(str(f), "pt") as fh:
             for key in fh.keys():
                 dt = names.get(fh.get_slice(key).get_dtype())
