@@ -144,6 +144,8 @@ class VLModel:
         mark = self.source.get("weights") or getattr(self.hf.config, WEIGHTS_MARK, None)
         if mark is None and "trained" in self.source:
             mark = "trained"
+        if mark is None and "preset" in self.source:   # a preset builder that loads weights says so
+            mark = "random"
         return {"trained": True, "random": False}.get(mark)
 
     @property
