@@ -608,8 +608,9 @@ def verify_drafts(dec: Decoder, draft, first: int, *, start: int, new_tokens: in
     """The verification loop every speculative engine shares. From the target's `first` token at
     position `start`, the draft proposes up to `draft_tokens` tokens; the target runs [last token,
     drafts] in one forward, keeps the longest prefix it agrees with plus its own next token, and the
-    draft is told how many it kept. Greedy: the tokens are the target's own (its `pick`, EOS bias
-    included). Rejected KV rows lie beyond every later query's position until overwritten. Stops at
+    draft is told how many it kept (at natural length a proposal ends at a drafted EOS). Greedy: the
+    tokens are the target's own (its `pick`, EOS bias included). Rejected KV rows lie beyond every
+    later query's position until overwritten. Stops at
     `new_tokens` or once `done(tokens)` (natural length)."""
     dev = dec.vlm.device
     embed = dec.vlm.text_model.embed_tokens
@@ -617,6 +618,8 @@ def verify_drafts(dec: Decoder, draft, first: int, *, start: int, new_tokens: in
     while len(out) < new_tokens and not (done is not None and done(out)):
         k = min(draft_tokens, new_tokens - len(out) - 1)
         drafts = draft.propose(out, k) if k else []
+        if done is not None and dec.eos_id in drafts:     # natural length: nothing after a drafted EOS counts
+            drafts = drafts[: drafts.index(dec.eos_id) + 1]
         pos = start + len(out) - 1
         seq = torch.tensor([out[-1], *drafts], device=dev)
         preds = dec.pick(dec.forward(embed(seq)[None], torch.arange(pos, pos + len(seq), device=dev),
