@@ -76,7 +76,7 @@ def batch_table(vlm, workload: Workload, *, batches: list[int], samples: int = 3
                      "new_tokens": tokens, "tokens_per_s": tokens / stage4 if stage4 > 0 else None,
                      "decode_tokens_per_s": steps / decode if decode > 0 else None,
                      "peak_mem_mb": peak_mb, "peak_mem_kind": peak_kind,
-                     "one_pass": info.get("batch") == size, "unbatched_by": info.get("unbatched_by")})
+                     "one_pass": info.get("batch", 1) == size, "unbatched_by": info.get("unbatched_by")})
     base = next((r["tokens_per_s"] for r in rows if r["batch"] == 1), None)
     for r in rows:
         r["vs_batch_1"] = r["tokens_per_s"] / base if base and r["tokens_per_s"] else None
