@@ -349,15 +349,18 @@ def eval_(model: Optional[str] = typer.Option(None, help="eventgpt | videollava 
           scenes: Optional[int] = typer.Option(None, help="Held-out scenes, one question each (default 100, "
                                                           "or the recipe's quality_scenes)."),
           seed: Optional[int] = typer.Option(None, help="Scene seed of the evaluation split (default 1, or the recipe's)."),
-          device: str = typer.Option("auto", help="cpu | cuda | auto"),
-          dtype: str = typer.Option("auto", help="auto | bfloat16 | float16 | float32 (presets and plain folders)"),
+          device: Optional[str] = typer.Option(None, help="cpu | cuda | auto (default: the recipe's, else auto)"),
+          dtype: Optional[str] = typer.Option(None, help="auto | bfloat16 | float16 | float32 (presets and plain "
+                                                         "checkpoint folders; default auto)"),
           json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result JSON here.")):
     """Task accuracy (exact match) on fresh scenes of the synthetic scene task, overall and per
     question kind: of a preset, a recipe's optimized model, or a saved folder."""
     from vlopt.evaluate import run_eval
 
-    result = run_eval(model=model, preset=preset, recipe=recipe, checkpoint=checkpoint, workload=workload,
-                      scenes_n=scenes, seed=seed, device=device, dtype=dtype, progress=_console().print)
+    console = _console()
+    with console.status("starting") as status:
+        result = run_eval(model=model, preset=preset, recipe=recipe, checkpoint=checkpoint, workload=workload,
+                          scenes_n=scenes, seed=seed, device=device, dtype=dtype, progress=status.update)
     if result.get("note"):
         print(f"vlopt: note: {result['note']}", file=sys.stderr)
     print(f"accuracy {result['accuracy']:.1%} on {result['scenes']} scenes (seed {result['seed']}, "
@@ -367,7 +370,39 @@ def eval_(model: Optional[str] = typer.Option(None, help="eventgpt | videollava 
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(result, indent=2, default=str))
-        _console().print(f"wrote {json_out}")
+        console.print(f"wrote {json_out}")
+
+
+@app.command()
+def train(family: str = typer.Argument(..., help="eventgpt | videollava"),
+          steps: int = typer.Option(4000, min=1, help="Optimizer steps."),
+          seed: int = typer.Option(0, help="Seeds the initial weights, the training scenes and the sampling."),
+          device: str = typer.Option("cpu", help="cpu | cuda"),
+          out: Optional[Path] = typer.Option(None, "-o", "--out", help="Folder to save the trained model in."),
+          pool_scenes: int = typer.Option(2000, min=1, help="Training scenes rendered once up front."),
+          batch_size: int = typer.Option(32, min=1),
+          lr: float = typer.Option(1e-3, min=0.0),
+          exit_weight: float = typer.Option(0.5, min=0.0, help="Weight of the early-exit (LayerSkip) loss."),
+          eval_scenes: int = typer.Option(200, min=1, help="Held-out scenes evaluated at the end."),
+          eval_seed: int = typer.Option(0, help="Seed of the held-out scenes."),
+          workers: int = typer.Option(1, min=1, help="Processes rendering the training scenes.")):
+    """Train the trained-tiny model of a family on the synthetic scene task (seeded; deterministic
+    on CPU). `vlopt/weights/<family>-tiny/` holds the shipped result and the command that made it."""
+    from vlopt import train as training
+    from vlopt.errors import VloptError
+
+    if family not in training.FAMILIES:
+        raise VloptError(f"vlopt train trains {' or '.join(training.FAMILIES)}, not '{family}'")
+    if device not in ("cpu", "cuda"):
+        raise VloptError(f"--device must be cpu or cuda, not '{device}'")
+    if out is not None:
+        from vlopt.checkpoint import check_creatable
+
+        check_creatable(out, "--out")
+    say = (lambda msg: None) if STATE["quiet"] else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    training.train(family, steps=steps, seed=seed, device=device, out=out, pool_scenes=pool_scenes,
+                   batch_size=batch_size, lr=lr, exit_weight=exit_weight, eval_scenes=eval_scenes,
+                   eval_seed=eval_seed, workers=workers, log=say)
 
 
 @app.command()

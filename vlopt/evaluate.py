@@ -256,7 +256,12 @@ def run_eval(*, model: str | None = None, preset: str | None = None, recipe=None
     else:
         from vlopt.models import load_model
 
+        from vlopt.plugins import get_registry
+
         name, preset = model or "eventgpt", preset or "tiny"
+        families = get_registry().models
+        if name not in families:       # before torch loads: an unknown name is answered at once
+            raise VloptError(f"unknown model '{name}'; choose one of {sorted(families)}, or give --checkpoint DIR")
         say(f"building {name} ({preset})")
         vlm = load_model(name, preset=preset, dtype=dtype or "auto", device=device or "auto")
         described = {"label": f"{name} ({preset})", "preset": preset}
