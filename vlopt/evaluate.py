@@ -1,7 +1,7 @@
 """Answer quality on the synthetic scene task (`vlopt.scenes`): what a pass costs, not only what it saves.
 
-`QualitySet` is a held-out set of evaluation-split scenes for one workload, rendered once per run
-to the files a user would give stage 1 (an event `.npz`, a `[T, H, W, 3]` frames `.npy`), with the
+`QualitySet` is a held-out set of evaluation-split scenes for one workload, rendered once per
+process to the files a user would give stage 1 (an event `.npz`, a `[T, H, W, 3]` frames `.npy`), with the
 question each scene asks. `answer` runs every scene through the model's real path as it is now —
 `vlm.run_stages` (stage 1 reads the file; a feature store or feature filter a pass installed acts
 as it does for users) and `vlm.decoding.generate` at natural length, greedy, with a small token cap.
@@ -38,40 +38,50 @@ class Item:
     path: str                 # the rendered stage-1 input
 
 
+# Rendered stage-1 files, per (input kind, seed), kept for the process: each run of a process (a
+# test session, a sweep) renders a scene once. The folders go when the process ends.
+_RENDERED: dict[tuple[str, int], tuple[tempfile.TemporaryDirectory, dict[int, str]]] = {}
+
+
+def rendered(scene: scenes.Scene, modality: str) -> str:
+    """The path of `scene` rendered for `modality` as a user's stage-1 file (rendered once)."""
+    import numpy as np
+
+    from vlopt.events import save_events
+
+    folder, paths = _RENDERED.setdefault((modality, scene.seed),
+                                         (tempfile.TemporaryDirectory(prefix="vlopt-scenes-"), {}))
+    if scene.index not in paths:
+        raw = scenes.render(scene, modality)
+        path = Path(folder.name) / f"scene{scene.index:05d}"
+        if modality == "events":
+            paths[scene.index] = str(save_events(path.with_suffix(".npz"), raw))
+        else:
+            np.save(path.with_suffix(".npy"), np.stack(raw))
+            paths[scene.index] = str(path.with_suffix(".npy"))
+    return paths[scene.index]
+
+
 @dataclass
 class QualitySet:
+    """Held-out scenes of one workload with their questions and rendered stage-1 files, and the
+    stage-4 inputs of the last model state they were answered in."""
+
     workload: object          # vlopt.models.Workload
     seed: int
     items: list[Item]
-    folder: tempfile.TemporaryDirectory | None = None
     _state: tuple | None = field(default=None, repr=False)
     _inputs: list | None = field(default=None, repr=False)
 
     @classmethod
     def build(cls, workload, n: int, seed: int) -> QualitySet:
-        """`n` evaluation-split scenes of `seed`, rendered for `workload`'s input kind into a
-        temporary folder (removed by `close`)."""
-        import numpy as np
-
-        from vlopt.events import save_events
-
+        """`n` evaluation-split scenes of `seed`, rendered for `workload`'s input kind."""
         modality = workload.input_kind
-        folder = tempfile.TemporaryDirectory(prefix="vlopt-scenes-")
-        items = []
-        for scene in scenes.scenes(seed, n, "eval"):
-            raw = scenes.render(scene, modality)
-            if modality == "events":
-                path = save_events(Path(folder.name) / f"scene{scene.index:05d}.npz", raw)
-            else:
-                path = Path(folder.name) / f"scene{scene.index:05d}.npy"
-                np.save(path, np.stack(raw))
-            items.append(Item(scene, scenes.question(scene, modality), str(path)))
-        return cls(workload, seed, items, folder)
+        return cls(workload, seed, [Item(scene, scenes.question(scene, modality), rendered(scene, modality))
+                                    for scene in scenes.scenes(seed, n, "eval")])
 
     def close(self) -> None:
-        if self.folder is not None:
-            self.folder.cleanup()
-            self.folder = None
+        """Drop the kept stage-4 inputs (the rendered files stay for the process)."""
         self._inputs = self._state = None
 
     def __len__(self) -> int:
