@@ -126,8 +126,8 @@ def check_preflight(plan: Plan, device: str | None = None) -> None:
 
     problems = preflight(plan, device)
     if problems:
-        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise VloptError("the run would fail: " + "; ".join(problems[:3]) + more)
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise VloptError("the run would fail: " + "; ".join(problems[:5]) + more)
 
 
 def measure(vlm, workload, plan: Plan) -> dict:
