@@ -14,7 +14,7 @@ from vlopt.passes import PassConfig
 from vlopt.testing import assert_fidelity, run_pass, run_recipe, temporary_plugin
 
 TINY = {"name": "eventgpt", "preset": "tiny", "dtype": "float32", "device": "cpu"}
-BENCH = {"samples": 1, "warmup": 0, "new_tokens": 6}
+BENCH = {"samples": 1, "warmup": 0, "new_tokens": 6, "quality_scenes": 0}   # quality has its own tests
 
 
 def test_rows_carry_speedup_fidelity_and_modules(tmp_path):

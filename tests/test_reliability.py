@@ -16,7 +16,7 @@ from vlopt.passes import PassConfig
 from vlopt.testing import run_recipe, temporary_plugin
 
 TINY = {"name": "eventgpt", "preset": "tiny", "dtype": "float32", "device": "cpu"}
-BENCH = {"samples": 1, "warmup": 0, "new_tokens": 4}
+BENCH = {"samples": 1, "warmup": 0, "new_tokens": 4, "quality_scenes": 0}   # quality has its own tests
 
 
 def test_sigkill_at_any_point_leaves_nothing_or_a_complete_checkpoint(tmp_path):
