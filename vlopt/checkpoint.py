@@ -173,20 +173,28 @@ def _same_modes(folder: Path) -> None:
 
 
 @contextlib.contextmanager
-def _sigint_blocked():
-    """Hold Ctrl-C (SIGINT stays pending) across the two renames that swap an output, so an interrupt
-    cannot fall between them and leave no output at all; it is delivered right after."""
+def _sigint_held():
+    """Hold Ctrl-C across the two renames that swap an output in, so that an interrupt cannot fall
+    between them and leave no output at all: SIGINT is blocked for this thread (pthread_sigmask), and,
+    since any other thread (torch's) may still take the signal, the Python handler meanwhile only
+    notes it. The held Ctrl-C is raised again right after, to the handler that was in place."""
     import signal
     import threading
 
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    held = []
+    handler = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if hasattr(signal, "pthread_sigmask") else None
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        if mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)     # one pending at the OS level arrives now: held
+        signal.signal(signal.SIGINT, handler if handler is not None else signal.SIG_DFL)
+        if held:
+            signal.raise_signal(signal.SIGINT)
 
 
 def write_output(out: Path, *, vlm, resolved: dict, report: dict, state_dict=None, force: bool = False) -> Path:
@@ -236,7 +244,7 @@ def write_output(out: Path, *, vlm, resolved: dict, report: dict, state_dict=Non
         raise
     old = out.parent / f".{out.name}.vlopt-old-{os.getpid()}" if out.exists() else None
     try:
-        with _sigint_blocked():
+        with _sigint_held():
             if old is not None:
                 out.rename(old)
             tmp.rename(out)
