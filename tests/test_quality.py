@@ -120,10 +120,13 @@ def test_stage_inputs_are_reused_only_while_stages_1_to_3_are_unchanged():
     assert evaluate.stages_state(vlm) != state
 
 
-def test_answers_go_through_the_models_real_path():
-    """Answers equal the scene renderers' raw input through preprocess → encode → generate."""
-    vlm = load_model("eventgpt", preset=RANDOM_PRESET, dtype="float32", device="cpu")
-    wl = vlm.workload()
+@pytest.mark.parametrize("model, workload", [("eventgpt", "eventgpt"), ("videollava", "videollava"),
+                                             ("videollava", "videollava-image")])
+def test_answers_go_through_the_models_real_path(model, workload):
+    """Answers through the rendered files equal the renderers' raw input through preprocess →
+    encode → generate (stage 1 reads back exactly what was rendered)."""
+    vlm = load_model(model, preset=RANDOM_PRESET, dtype="float32", device="cpu")
+    wl = vlm.workload(workload)
     qset = evaluate.QualitySet.build(wl, 3, 5)
     try:
         got = evaluate.answer(vlm, qset)
