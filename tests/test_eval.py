@@ -92,3 +92,15 @@ def test_bad_arguments_are_one_line_and_exit_2(args, message):
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("vlopt: error:") and message in lines[0], proc.stderr
+
+
+def test_bench_with_scenes_prints_and_records_accuracy(trained_eventgpt, tmp_path):
+    model = ["--model", trained_eventgpt["path"]] if "path" in trained_eventgpt else \
+        ["--model", trained_eventgpt["name"], "--preset", trained_eventgpt["preset"]]
+    out = tmp_path / "bench.json"
+    proc = vlopt_cli("bench", *model, "--device", "cpu", "--dtype", "float32", "--samples", 1, "--warmup", 0,
+                     "--new-tokens", 2, "--scenes", 3, "--json", out)
+    assert proc.returncode == 0, proc.stderr
+    quality = json.loads(out.read_text())["quality"]
+    assert quality["scenes"] == 3 and 0.0 <= quality["accuracy"] <= 1.0
+    assert f"eventgpt: accuracy {quality['accuracy']:.1%} on 3 held-out scenes" in proc.stdout
