@@ -51,7 +51,7 @@ def test_original_eventgpt_with_clip_in_the_weights_needs_no_clip_folder(tmp_pat
 
     vision = dict(image_size=42, patch_size=14, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
                   num_attention_heads=2, hidden_act="quick_gelu")
-    cfg = egpt.EventGPTConfig(**egpt.PRESETS["tiny"]["text"], vision_config=vision, tie_word_embeddings=False,
+    cfg = egpt.EventGPTConfig(**egpt.PRESETS["tiny-random"]["text"], vision_config=vision, tie_word_embeddings=False,
                               bos_token_id=1, eos_token_id=2, pad_token_id=3)
     source = egpt.EventGPT(egpt._instantiate(cfg, dtype=torch.float32, device="cpu").eval(), build_tokenizer(),
                            source={"preset": "tiny"})

@@ -383,6 +383,8 @@ def train(family: str = typer.Argument(..., help="eventgpt | videollava"),
           batch_size: int = typer.Option(32, min=1),
           lr: float = typer.Option(1e-3, min=0.0),
           exit_weight: float = typer.Option(0.5, min=0.0, help="Weight of the early-exit (LayerSkip) loss."),
+          attribute_weight: float = typer.Option(1.0, min=0.0, help="Weight of the training-only attribute probe."),
+          threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads."),
           eval_scenes: int = typer.Option(200, min=1, help="Held-out scenes evaluated at the end."),
           eval_seed: int = typer.Option(0, help="Seed of the held-out scenes."),
           workers: int = typer.Option(1, min=1, help="Processes rendering the training scenes.")):
@@ -401,8 +403,8 @@ def train(family: str = typer.Argument(..., help="eventgpt | videollava"),
         check_creatable(out, "--out")
     say = (lambda msg: None) if STATE["quiet"] else (lambda msg: print(msg, file=sys.stderr, flush=True))
     training.train(family, steps=steps, seed=seed, device=device, out=out, pool_scenes=pool_scenes,
-                   batch_size=batch_size, lr=lr, exit_weight=exit_weight, eval_scenes=eval_scenes,
-                   eval_seed=eval_seed, workers=workers, log=say)
+                   batch_size=batch_size, lr=lr, exit_weight=exit_weight, attribute_weight=attribute_weight,
+                   eval_scenes=eval_scenes, eval_seed=eval_seed, threads=threads, workers=workers, log=say)
 
 
 @app.command()

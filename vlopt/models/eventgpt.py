@@ -29,7 +29,7 @@ PROMPT = SYSTEM_PROMPT + " USER: <ev_start><event><ev_end>\n{question} ASSISTANT
 CLIP_L14_336 = dict(image_size=336, patch_size=14, hidden_size=1024, intermediate_size=4096,
                     num_hidden_layers=24, num_attention_heads=16, hidden_act="quick_gelu")
 PRESETS = {
-    "tiny": dict(
+    "tiny-random": dict(
         text=dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                   num_attention_heads=4, max_position_embeddings=2048),
         vision=dict(image_size=28, patch_size=14, hidden_size=64, intermediate_size=128,
@@ -173,6 +173,10 @@ def splice(vlm: EventGPT, ids: list[int], feats: torch.Tensor) -> Stage4Input:
 # ---- the builder and real checkpoints ------------------------------------------------------------
 
 def build(preset: str, *, dtype: torch.dtype, device: str, meta: bool = False) -> EventGPT:
+    from vlopt.models import shipped
+
+    if preset == shipped.TRAINED_PRESET:
+        return shipped.load("eventgpt", dtype=dtype, device=device, meta=meta)
     register_auto_classes()
     config = preset_config(preset)
     hf = _instantiate(config, dtype=dtype, device="meta" if meta else device)

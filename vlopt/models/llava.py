@@ -35,6 +35,7 @@ PRESETS = {
         vision=dict(image_size=336, patch_size=14, hidden_size=1024, intermediate_size=4096,
                     num_hidden_layers=24, num_attention_heads=16, projection_dim=768)),
 }
+PRESETS["tiny-random"] = PRESETS["tiny"]   # no trained LLaVA-1.5 ships: its tiny is random too
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from vlopt.models.tokenizer import DEFAULT_QUESTION, build_tokenizer
 PROMPT = {"video": "USER: <video>\n{question}\nASSISTANT:", "image": "USER: <image>\n{question}\nASSISTANT:"}
 
 PRESETS = {
-    "tiny": dict(
+    "tiny-random": dict(
         text=dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                   num_attention_heads=4, max_position_embeddings=2048),
         vision=dict(image_size=28, patch_size=14, hidden_size=64, intermediate_size=128,
@@ -169,6 +169,10 @@ def expand_placeholder(tokenizer, prompt: str, token_id: int, rows: int) -> list
 def build(preset: str, *, dtype: torch.dtype, device: str, meta: bool = False) -> VideoLLaVA:
     from transformers import VideoLlavaForConditionalGeneration
 
+    from vlopt.models import shipped
+
+    if preset == shipped.TRAINED_PRESET:
+        return shipped.load("videollava", dtype=dtype, device=device, meta=meta)
     tokenizer = build_tokenizer(("<image>", "<video>"))
     config = preset_config(preset, tokenizer)
     previous = torch.get_default_dtype()
