@@ -10,22 +10,24 @@ for _name in ("torchao", "torch.utils._pytree", "bitsandbytes"):
 import pytest  # noqa: E402
 
 
+# The small random-weight models: for tests of shapes, numerics and plumbing, where answers need not
+# mean anything (the trained `tiny` models are in the quality tests).
 @pytest.fixture
 def eventgpt():
     from vlopt.models import load_model
-    return load_model("eventgpt", preset="tiny", device="cpu")
+    return load_model("eventgpt", preset="tiny-random", device="cpu")
 
 
 @pytest.fixture
 def videollava():
     from vlopt.models import load_model
-    return load_model("videollava", preset="tiny", device="cpu")
+    return load_model("videollava", preset="tiny-random", device="cpu")
 
 
 @pytest.fixture(params=["eventgpt", "videollava"])
 def tiny_model(request):
     from vlopt.models import load_model
-    return load_model(request.param, preset="tiny", device="cpu")
+    return load_model(request.param, preset="tiny-random", device="cpu")
 
 
 @pytest.fixture(scope="session")

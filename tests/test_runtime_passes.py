@@ -93,7 +93,7 @@ def test_early_stop_needs_a_rule():
 @pytest.mark.parametrize("model", ["eventgpt", "videollava"])
 def test_request_cache_skips_stages_1_to_3_and_keeps_the_input_exact(model):
     from vlopt.models import load_model
-    vlm = load_model(model, preset="tiny", device="cpu")
+    vlm = load_model(model, preset="tiny-random", device="cpu")
     plain = _inp(vlm, "second question?")
     _apply(vlm, {"type": "feature_cache", "scope": "request"})
     calls = []
@@ -107,7 +107,7 @@ def test_request_cache_skips_stages_1_to_3_and_keeps_the_input_exact(model):
 
 def test_disk_cache_is_keyed_bounded_and_refuses_damage(tmp_path):
     from vlopt.models import load_model
-    vlm = load_model("videollava", preset="tiny", device="cpu")
+    vlm = load_model("videollava", preset="tiny-random", device="cpu")
     _apply(vlm, {"type": "feature_cache", "scope": "disk", "cache_dir": str(tmp_path), "max_mb": 1})
     first = _inp(vlm)
     files = list(tmp_path.glob("*.safetensors"))
@@ -121,7 +121,7 @@ def test_disk_cache_is_keyed_bounded_and_refuses_damage(tmp_path):
     torch.testing.assert_close(_inp(vlm).embeds, first.embeds, rtol=0, atol=0)
     assert vlm.feature_store.rejected == 1
     # Another model's features (different fingerprint) are never used.
-    other = load_model("videollava", preset="tiny", device="cpu")
+    other = load_model("videollava", preset="tiny-random", device="cpu")
     with torch.no_grad():
         other.hf.model.multi_modal_projector.linear_1.weight.add_(1.0)
     _apply(other, {"type": "feature_cache", "scope": "disk", "cache_dir": str(tmp_path)})
@@ -159,10 +159,10 @@ def test_prefix_scope_needs_fast_decode(eventgpt):
 # ---- prune_visual ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("model,rows_after", [("eventgpt", 5 + 3), ("videollava", 8 * 3)])
 def test_cls_attention_pruning(model, rows_after):
-    row_full = run_pass({"type": "prune_visual", "keep": 1.0}, model=model)
+    row_full = run_pass({"type": "prune_visual", "keep": 1.0}, model=model, preset="tiny-random")
     # keep everything = the baseline (the vision tower now runs eager attention: rounding only)
     assert_fidelity(row_full, min_top1=1.0, max_kl=1e-9, exact_tokens=True)
-    row = run_pass({"type": "prune_visual", "keep": 0.5}, model=model)
+    row = run_pass({"type": "prune_visual", "keep": 0.5}, model=model, preset="tiny-random")
     assert row.stage4["visual_tokens"] == rows_after
     assert row.stage4["context_tokens"] == row_full.stage4["context_tokens"] - (
         row_full.stage4["visual_tokens"] - rows_after)

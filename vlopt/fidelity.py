@@ -44,11 +44,17 @@ def compare(vlm, ref: Reference, workload, *, input_path=None, fixed: bool = Tru
     logp_new = torch.log_softmax(logits[:n, :vocab].double(), -1)
     kl = (logp_base.exp() * (logp_base - logp_new)).sum(-1)
     target = torch.tensor(ref.tokens[:n])
+    # The reference was decoded at a fixed budget, where EOS is forbidden (HF's min_new_tokens): the
+    # optimized model's choice is read under the same rule. A trained model's top logit after its
+    # answer is EOS, which fixed-budget decoding never picks.
+    choice = logp_new.clone()
+    if vlm.eos_token_id < vocab:
+        choice[:, vlm.eos_token_id] = float("-inf")
     first = next((i for i, (a, b) in enumerate(zip(own, ref.tokens)) if a != b), None)
     if first is None and len(own) < len(ref.tokens) and fixed:
         first = len(own)
     return {
-        "top1_agreement": float((logp_new.argmax(-1) == target).double().mean()),
+        "top1_agreement": float((choice.argmax(-1) == target).double().mean()),
         "mean_kl": float(kl.mean()),
         "max_kl": float(kl.max()),
         "first_divergence": first,

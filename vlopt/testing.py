@@ -38,13 +38,13 @@ def run_recipe(recipe: dict, tmp_dir: str | Path, *, output: bool = False, conti
     return manager.run(rec, configs, recipe_path=path, output=out, force=True, continue_on_error=continue_on_error)
 
 
-def run_pass(pass_config: dict, *, model: str = "eventgpt", tmp_dir: str | Path | None = None,
-             benchmark: dict | None = None):
+def run_pass(pass_config: dict, *, model: str = "eventgpt", preset: str = "tiny",
+             tmp_dir: str | Path | None = None, benchmark: dict | None = None):
     """Apply one pass to a tiny model through the real manager; return its `vlopt.rows.PassRow`
     (status, speedup_vs_baseline, fidelity, modules touched/skipped, …). Raises if the pass failed."""
     import tempfile
 
-    recipe = {"model": {"name": model, "preset": "tiny", "dtype": "float32", "device": "cpu"},
+    recipe = {"model": {"name": model, "preset": preset, "dtype": "float32", "device": "cpu"},
               "benchmark": {**TINY_BENCH, **(benchmark or {})}, "passes": [pass_config]}
     with contextlib.ExitStack() as stack:
         folder = tmp_dir or stack.enter_context(tempfile.TemporaryDirectory())
