@@ -223,7 +223,7 @@ def test_malformed_values_of_every_type_are_recipe_errors(tmp_path, registry, te
 
 @pytest.mark.parametrize("text,message", [
     ("model: {name: gpt5}\n", "'model.name' (line 1): unknown model 'gpt5'; choose one of eventgpt, "),
-    ("model: {name: eventgpt, preset: 13b}\n", "'model.preset' (line 1): unknown preset '13b' for eventgpt; choose one of tiny, 7b"),
+    ("model: {name: eventgpt, preset: 13b}\n", "'model.preset' (line 1): unknown preset '13b' for eventgpt; choose one of tiny, tiny-random, 7b"),
     ("model: {path: nowhere}\n", "'model.path' (line 1):"),
     ("model: {name: eventgpt}\nbenchmark: {workload: nope}\n", "'benchmark.workload' (line 2): unknown workload 'nope'"),
     ("model: {name: eventgpt}\nbenchmark: {workload: videollava}\n",
