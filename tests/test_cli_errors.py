@@ -113,7 +113,7 @@ def test_an_event_file_with_a_huge_coordinate_is_one_line_error(tmp_path):
 def _interrupt(args, after_s):
     """Start `vlopt ARGS` in its own process group, send the group SIGINT (what Ctrl-C in a terminal
     does) after `after_s` seconds, and return the finished process and how long it took to exit."""
-    child = subprocess.Popen([sys.executable, "-m", "vlopt.cli", *map(str, args)], cwd=ROOT, env=ENV,
+    child = subprocess.Popen([sys.executable, "-m", "vlopt", *map(str, args)], cwd=ROOT, env=ENV,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     time.sleep(after_s)
     assert child.poll() is None, "finished before the signal"
@@ -163,6 +163,7 @@ class Finalizer:
 
 @cli.app.command()
 def finalizer():
+    print("ready", flush=True)
     Finalizer()
     time.sleep(5)
     print("kept running")
@@ -183,11 +184,13 @@ sys.exit(cli.main(sys.argv[1:]))
 def test_ctrl_c_inside_a_finalizer_still_stops_the_run(tmp_path):
     script = tmp_path / "child.py"
     script.write_text(_SCRIPT)
+    child = subprocess.Popen([sys.executable, script, "finalizer"], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    assert child.stdout.readline() == "ready\n"      # started: what follows is the command alone
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, script, "finalizer"], capture_output=True, text=True, cwd=ROOT,
-                          env=ENV, timeout=30)
-    assert_interrupted(proc.returncode, proc.stderr)
-    assert "kept running" not in proc.stdout and time.perf_counter() - start < 4
+    out, err = child.communicate(timeout=30)
+    assert_interrupted(child.returncode, err)
+    assert "kept running" not in out and time.perf_counter() - start < 3
 
 
 def test_a_second_ctrl_c_stops_at_once_even_if_the_first_was_swallowed(tmp_path):

@@ -27,8 +27,20 @@ def _drop_torchao_import_notes() -> None:
 _drop_torchao_import_notes()
 
 from vlopt.errors import VloptError  # noqa: E402
-from vlopt.hookspecs import hookimpl  # noqa: E402
-from vlopt.passes import ModuleSelection, PassConfig, PassContext, PassOutcome  # noqa: E402
+
+# The plugin API is imported on first use, so that `import vlopt` (and so the `vlopt` script's start,
+# before it can catch Ctrl-C) does not wait for pydantic and pluggy.
+_LAZY = {"hookimpl": "vlopt.hookspecs", "PassConfig": "vlopt.passes", "ModuleSelection": "vlopt.passes",
+         "PassContext": "vlopt.passes", "PassOutcome": "vlopt.passes"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'vlopt' has no attribute {name!r}")
+
 
 __version__ = "0.1.0"
 __all__ = ["VloptError", "hookimpl", "PassConfig", "ModuleSelection", "PassContext", "PassOutcome",
