@@ -12,7 +12,8 @@ engine and against each HF engine at the same batch.
 
 Usage:  python3 bench/gpu/batch.py [eventgpt|videollava|all] [--batches 1,4,8,16,32]
                                    [--engines hf_eager,hf_static_compile,fast_decode] [--samples 3] [--smoke]
-Writes $OUT/batch-<model>.json (OUT defaults to the current folder) after every engine, and prints
+Writes $OUT/batch-<model>.json (-<engines> when --engines names a subset; OUT defaults to the current
+folder) after every engine, and prints
 the summary table last. --smoke: tiny presets on the CPU in float32, batch 1/3, 1 sample,
 6 tokens, fast_decode uncompiled — checks the script in seconds and measures nothing.
 """
@@ -92,7 +93,8 @@ def main() -> None:
                   "batches": sizes, "samples": samples, "warmup": warmup, "commit": git_commit(),
                   "machine": machine_info(), "command": f"python3 bench/gpu/batch.py {' '.join(os.sys.argv[1:])}",
                   "engines": {}}
-        path = out_dir / f"batch-{model}.json"
+        part = "" if engines == list(ENGINES) else "-" + "-".join(engines)   # a split run: one file per part
+        path = out_dir / f"batch-{model}{part}.json"
         for engine in engines:
             vlm = fresh(model, preset, dtype, device)
             install_s = install(vlm, engine, smoke)
