@@ -237,8 +237,9 @@ def cpu_conditions(device, *, load: tuple[float, float, float] | None = None, co
     elif asked and asked.isdigit() and int(asked) > 0:
         threads, why = int(asked), "VLOPT_THREADS" if os.environ.get("VLOPT_THREADS") else "OMP_NUM_THREADS"
     else:
-        threads = max(1, min(cores, cores - round(load[0])))
-        why = f"free cores: {cores} cores − load {load[0]:.1f}"
+        ranks = int(os.environ.get("WORLD_SIZE", "1"))     # torchrun's processes share the free cores
+        threads = max(1, min(cores, cores - round(load[0])) // ranks)
+        why = f"free cores: {cores} cores − load {load[0]:.1f}" + (f", shared by {ranks} ranks" if ranks > 1 else "")
     if on_cpu and set_threads:
         torch.set_num_threads(threads)
     busy = [f"load average {load[0]:.1f} on {cores} cores"] if load[0] > cores else []
