@@ -28,7 +28,7 @@ GPU_CASES = {"fast_decode", "feature_cache"}
 
 def _model(model: str, gpu: bool):
     from vlopt.models import load_model
-    return load_model(model, preset="7b" if gpu else "tiny", dtype="bfloat16" if gpu else "float32",
+    return load_model(model, preset="7b" if gpu else "tiny-random", dtype="bfloat16" if gpu else "float32",
                       device="cuda" if gpu else "cpu")
 
 
