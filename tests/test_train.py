@@ -80,3 +80,23 @@ def test_draft_agreement_reports_every_exit(fresh):
     stats = T.draft_agreement(vlm, S.scenes(0, 2, "eval"), new_tokens=6)
     assert sorted(stats) == list(range(1, T.TEXT["num_hidden_layers"]))
     assert all(0 <= s["agreement"] <= 1 and 0 <= s["acceptance"] <= 1 for s in stats.values())
+
+
+def test_vision_overrides_keep_batched_stage3_equal_and_the_vision_side_slower():
+    from vlopt.models import get_workload
+
+    vlm = T.build_model("eventgpt", vision={"patch_size": 8})
+    scene = S.scenes(0, 1, "eval")[0]
+    prep = vlm.preprocess(S.render(scene, "events"), S.question(scene, "events").question, get_workload("eventgpt"))
+    with torch.no_grad():
+        feats = T.batch_features(vlm, "events", T._pixels(prep)[None])
+    assert feats.shape[1] == 5 + (S.SIZE // 8) ** 2 + 1
+    embeds, _ = T.splice_batch(vlm, [T.expanded_prompt(vlm, prep["input_ids"], feats.shape[1])], list(feats))
+    torch.testing.assert_close(embeds[0], vlm.encode(prep).embeds[0], rtol=1e-5, atol=1e-5)
+    scales = {id(p): g["lr_scale"] for g in T.param_groups(vlm, None, weight_decay=0.0, vision_lr=0.1)
+              for p in g["params"]}
+    assert scales[id(vlm.hf.model.visual_tower.embeddings.patch_embedding.weight)] == 0.1
+    assert scales[id(vlm.hf.model.feature_adaptor.weight)] == 0.1
+    assert scales[id(vlm.text_model.layers[0].mlp.up_proj.weight)] == 1.0
+    with pytest.raises(ValueError):
+        T.build_model("eventgpt", vision={"patch_size": 7})
