@@ -68,8 +68,9 @@ def test_exit_weights_rise_with_depth_and_sum_to_one():
 
 
 def test_acceptance_follows_the_layer_skip_rule():
-    # All drafts right: every verify accepts its full draft (the last one runs out of answer).
-    assert T.acceptance_from_matches([True] * 8, 4) == pytest.approx(7 / 8)
+    # All drafts right: every draft is accepted (the last verify drafts only what is left).
+    assert T.acceptance_from_matches([True] * 7, 4) == 1.0
+    assert T.acceptance_from_matches([True], 4) == 1.0
     assert T.acceptance_from_matches([False] * 8, 4) == 0.0
     # One miss in the middle: 2 accepted, the full model's token at the miss, then 4 accepted.
     assert T.acceptance_from_matches([True, True, False, True, True, True, True], 4) == pytest.approx(6 / 8)

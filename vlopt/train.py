@@ -410,25 +410,34 @@ def batch_loss(vlm, pool: Pool, draws: list[tuple], *, exit_weight: float, probe
 # ---- early-exit agreement ----------------------------------------------------------------------------
 
 def acceptance_from_matches(matches: list[bool], draft_tokens: int) -> float:
-    """The acceptance rate of self-speculative decoding (as the layer_skip engine counts it: accepted
-    drafts / drafted tokens) on one answer, given for each answer token after the first whether the
-    draft layers' greedy token equals the full model's. Exact: the draft layers see the same prefix
-    and KV as the full model's first layers, so teacher forcing on the full model's answer is what
-    they see during decoding."""
-    i, accepted, verifies = 1, 0, 0
-    while i < len(matches) + 1:
+    """The acceptance rate of `accepted_drafts`."""
+    accepted, drafted = accepted_drafts(matches, draft_tokens)
+    return accepted / max(1, drafted)
+
+
+def accepted_drafts(matches: list[bool], draft_tokens: int) -> tuple[int, int]:
+    """(accepted, drafted): the acceptance of self-speculative decoding (accepted drafts / drafts that could count) on
+    one answer, given for each answer token after the first whether the draft layers' greedy token
+    equals the full model's. At natural length drafts past the answer's end cannot count, so a verify
+    near the end drafts only what is left (a two-token answer drafts one). Exact: the draft layers see
+    the same prefix and KV as the full model's first layers, so teacher forcing on the full model's
+    answer is what they see during decoding."""
+    i, accepted, drafted = 0, 0, 0
+    while i < len(matches):
+        n = min(draft_tokens, len(matches) - i)
         m = 0
-        while m < draft_tokens and i + m - 1 < len(matches) and matches[i + m - 1]:
+        while m < n and matches[i + m]:
             m += 1
         accepted += m
-        verifies += 1
-        i += m + 1
-    return accepted / max(1, verifies * draft_tokens)
+        drafted += n
+        i += m + 1          # the accepted drafts, then the full model's own token
+    return accepted, drafted
 
 
 def draft_agreement(vlm, scene_set: list, *, workload=None, draft_tokens: int = 4, new_tokens: int = 32) -> dict:
     """For every early exit k: how often the first k layers' greedy token equals the full model's on
-    the full model's own answers, and the layer_skip acceptance rate that gives for `draft_tokens`."""
+    the full model's own answers (the first answer token, from prefill, is not drafted), and the
+    layer_skip acceptance rate that gives for `draft_tokens` (pooled over the answers)."""
     import torch
 
     from vlopt.models import get_workload
@@ -438,7 +447,7 @@ def draft_agreement(vlm, scene_set: list, *, workload=None, draft_tokens: int = 
     tm, head = vlm.text_model, vlm.lm_head
     n_layers = len(tm.layers)
     matches = {k: [] for k in range(1, n_layers)}
-    rates = {k: [] for k in range(1, n_layers)}
+    counts = {k: [0, 0] for k in range(1, n_layers)}      # accepted, drafted
     with torch.no_grad():
         for scene in scene_set:
             item = scenes.question(scene, modality)
@@ -461,9 +470,11 @@ def draft_agreement(vlm, scene_set: list, *, workload=None, draft_tokens: int = 
                 draft = head(tm.norm(h[0, L - 1:])).argmax(-1)
                 same = (draft == full).tolist()
                 matches[k] += same[1:]
-                rates[k].append(acceptance_from_matches(same[1:], draft_tokens))
+                accepted, drafted = accepted_drafts(same[1:], draft_tokens)
+                counts[k][0] += accepted
+                counts[k][1] += drafted
     return {k: {"agreement": sum(matches[k]) / max(1, len(matches[k])),
-                "acceptance": sum(rates[k]) / max(1, len(rates[k]))} for k in matches}
+                "acceptance": counts[k][0] / max(1, counts[k][1])} for k in matches}
 
 
 # ---- training ----------------------------------------------------------------------------------------
@@ -559,7 +570,7 @@ def train(family: str, *, steps: int, seed: int = 0, device: str = "cpu", out: s
         if (step + 1) % log_every == 0 or step + 1 == steps:
             window = history["ce"][-log_every:]
             log(f"[{family}] step {step + 1}/{steps}  loss {float(loss.detach()):.4f}  answer ce {sum(window) / len(window):.4f}  "
-                f"exit ce {' '.join(f'{float(e):.2f}' for e in exits)}  attributes {float(attribute):.3f}  lr {opt.param_groups[0]['lr']:.2e}  "
+                f"exit ce {' '.join(f'{float(e):.2f}' for e in exits)}  attributes {float(attribute):.3f}  lr {lr_at(step, steps, lr, warmup):.2e}  "
                 f"{time.perf_counter() - t0:.0f} s")
         if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
             result = evaluate_family(vlm, family, scenes_n=eval_scenes, seed=eval_seed)
