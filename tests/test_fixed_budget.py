@@ -47,7 +47,7 @@ def test_fixed_budget_masks_eos_and_natural_length_stops_at_it_in_every_engine(m
     assert hf_natural == answer[:STEP] + [eos]                          # it was the top choice at STEP
     for name, chain in ENGINES.items():
         from vlopt.models import load_model
-        other = load_model(model, preset="tiny", device="cpu")
+        other = load_model(model, preset="tiny-random", device="cpu")
         other.lm_head.weight.data.copy_(vlm.lm_head.weight.data)
         for cfg in chain:
             get_registry().apply(other, cfg)

@@ -25,7 +25,7 @@ def _worker(rank, size, port, model, out_dir):
         from vlopt.models import get_workload, load_model
         from vlopt.plugins import get_registry
 
-        vlm = load_model(model, preset="tiny", dtype="float32", device="cpu")
+        vlm = load_model(model, preset="tiny-random", dtype="float32", device="cpu")
         wl = get_workload(vlm.default_workload)
         inp = vlm.run_stages(None, wl, "What is here?")
         tokens = vlm.stage4(inp, new_tokens=8).tokens
@@ -69,7 +69,7 @@ def _fast_decode_worker(rank, size, port, out_dir):
         from vlopt.models import get_workload, load_model
         from vlopt.plugins import get_registry
 
-        vlm = load_model("videollava", preset="tiny", dtype="float32", device="cpu")
+        vlm = load_model("videollava", preset="tiny-random", dtype="float32", device="cpu")
         inp = vlm.run_stages(None, get_workload("videollava"), "What is here?")
         tokens = vlm.stage4(inp, new_tokens=8).tokens
         single = teacher_forced_logits(vlm, inp, tokens)
@@ -110,7 +110,7 @@ def test_torchrun_apply_writes_once_from_rank_0_with_full_weights(tmp_path):
     import sys
 
     recipe = tmp_path / "tp.yaml"
-    recipe.write_text("model: {name: eventgpt, preset: tiny, dtype: float32, device: cpu}\n"
+    recipe.write_text("model: {name: eventgpt, preset: tiny-random, dtype: float32, device: cpu}\n"
                       "benchmark: {samples: 1, warmup: 0, new_tokens: 4}\n"
                       "passes:\n  - {type: tensor_parallel, size: 2}\noutput: out\n")
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"

@@ -36,7 +36,7 @@ def test_it_shows_in_vlopt_plugins_and_runs_in_a_recipe(tmp_path):
     out = subprocess.run([sys.executable, "-m", "vlopt.cli", "plugins"], capture_output=True, text=True, env=env)
     assert any(p["name"] == "lmhead_int8" and p["passes"] == ["lm_head_int8"] for p in json.loads(out.stdout))
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("model: {name: eventgpt, preset: tiny, dtype: float32, device: cpu}\n"
+    recipe.write_text("model: {name: eventgpt, preset: tiny-random, dtype: float32, device: cpu}\n"
                       "benchmark: {samples: 1, warmup: 0, new_tokens: 4}\n"
                       "passes:\n  - {type: int4, group_size: 32}\n  - {type: lm_head_int8}\noutput: out\n")
     proc = subprocess.run([sys.executable, "-m", "vlopt.cli", "-q", "apply", str(recipe)], capture_output=True,
