@@ -58,7 +58,7 @@ def test_the_family_registers_with_its_workload_and_runs_a_recipe(monkeypatch, t
         row = run_pass({"type": "lm_head_int8"}, model="eventgpt_short", tmp_dir=tmp_path)
         assert row.stage4["new_tokens"] == 8 and row.modules_touched == ["lm_head"]   # the tiny bench budget
         from vlopt.models import load_model
-        vlm = load_model("eventgpt_short", device="cpu")
+        vlm = load_model("eventgpt_short", preset="tiny-random", device="cpu")
         assert vlm.workload().name == "eventgpt-short"
         assert vlm.run_stages(None, vlm.workload(), "q").visual_tokens == 2 + 5     # 2 temporal + 5 spatial rows
     finally:
