@@ -57,20 +57,7 @@ class HFGenerate:
     def generate(self, vlm, inp, *, new_tokens: int, fixed: bool = True) -> Stage4Result:
         """A fixed budget is `min_new_tokens == max_new_tokens` (EOS masked until then); natural
         length stops at EOS (kept as the last token) or where the model's stop rule says."""
-        extra = dict(self.generate_kwargs)
-        rule = vlm.decoding.stop_rule
-        if rule is not None and not fixed:
-            from transformers import LogitsProcessorList
-            extra["logits_processor"] = LogitsProcessorList([_StopRuleProcessor(rule, vlm.eos_token_id, 0)])
-        watch = Stopwatch(vlm.device)
-        first = _FirstToken(watch)
-        watch.start()
-        out = vlm.hf.generate(
-            inputs_embeds=inp.embeds, attention_mask=inp.attention_mask, max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens if fixed else 0, do_sample=False, num_beams=1,
-            pad_token_id=vlm.tokenizer.pad_token_id, eos_token_id=vlm.eos_token_id,
-            streamer=first, **extra)
-        watch.lap("decode")
+        out, watch = self._run(vlm, inp.embeds, inp.attention_mask, new_tokens=new_tokens, fixed=fixed)
         return Stage4Result(out[0].tolist(), watch.seconds["prefill"], watch.seconds["decode"])
 
     @torch.no_grad()
@@ -81,6 +68,14 @@ class HFGenerate:
         if len(inputs) == 1:
             return [self.generate(vlm, inputs[0], new_tokens=new_tokens, fixed=fixed)]
         embeds, mask = left_padded(vlm, inputs)
+        out, watch = self._run(vlm, embeds, mask, new_tokens=new_tokens, fixed=fixed)
+        rows = out.tolist()
+        return [Stage4Result(answer_tokens(tokens, fixed=fixed, eos=vlm.eos_token_id, rule=None),
+                             watch.seconds["prefill"], watch.seconds["decode"], info={"batch": len(inputs)})
+                for tokens in rows]
+
+    def _run(self, vlm, embeds, mask, *, new_tokens: int, fixed: bool):
+        """One timed `generate()` call (prefill until the first token, then decode)."""
         extra = dict(self.generate_kwargs)
         rule = vlm.decoding.stop_rule
         if rule is not None and not fixed:
@@ -95,10 +90,7 @@ class HFGenerate:
             pad_token_id=vlm.tokenizer.pad_token_id, eos_token_id=vlm.eos_token_id,
             streamer=first, **extra)
         watch.lap("decode")
-        rows = out.tolist()
-        return [Stage4Result(answer_tokens(tokens, fixed=fixed, eos=vlm.eos_token_id, rule=None),
-                             watch.seconds["prefill"], watch.seconds["decode"], info={"batch": len(inputs)})
-                for tokens in rows]
+        return out, watch
 
     @torch.no_grad()
     def score(self, vlm, inp, tokens: list[int]) -> torch.Tensor:
