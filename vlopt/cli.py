@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -574,6 +575,19 @@ def _run(argv: list[str] | None) -> int:
         return 1
 
 
+def _forget_unhandled_keyboard_interrupt() -> None:
+    """A Ctrl-C that lands inside code a C extension ran through PyRun_String (pybind11's eval, met
+    while torch imports) sets CPython's "unhandled KeyboardInterrupt" flag even though the exception
+    is caught here, and at exit CPython then kills the process with SIGINT (status -2, not 130).
+    Running an empty string the same way clears the flag."""
+    import ctypes
+
+    try:
+        ctypes.pythonapi.PyRun_SimpleString(b"")
+    except AttributeError:          # not CPython
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     """The `vlopt` script: usage and recipe errors are one line and exit 2; Ctrl-C exits 130."""
     _install_interrupt_handling()
@@ -583,6 +597,10 @@ def main(argv: list[str] | None = None) -> int:
         code = 130
     STATE["finished"] = True
     if STATE["interrupted"] or code == 130:
+        # Interpreter shutdown puts SIGINT back to the default action, so a late one (a second
+        # Ctrl-C, or the re-raise timer) would end the process by signal instead of with 130.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        _forget_unhandled_keyboard_interrupt()
         print("vlopt: interrupted", file=sys.stderr)
         return 130
     return code
