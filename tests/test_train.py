@@ -101,3 +101,25 @@ def test_vision_overrides_keep_batched_stage3_equal_and_the_vision_side_slower()
     assert scales[id(vlm.text_model.layers[0].mlp.up_proj.weight)] == 1.0
     with pytest.raises(ValueError):
         T.build_model("eventgpt", vision={"patch_size": 7})
+
+
+def test_a_time_budget_lowers_the_step_count_once_and_records_it(monkeypatch):
+    monkeypatch.setattr(T, "BUDGET_PROBE_STEPS", 3)
+    kwargs = dict(steps=8, seed=1, device="cpu", batch_size=2, pool_scenes=2, eval_scenes=0, threads=1,
+                  log=lambda *_: None)
+    short = T.train("eventgpt", time_budget=1e-9, **kwargs)     # nothing fits: stop right after the timed steps
+    assert short["steps"] == 4 and len(short["loss"]) == 4 and short["time_budget"] == 1e-9
+    roomy = T.train("eventgpt", time_budget=1e6, **kwargs)
+    assert roomy["steps"] == 8 and len(roomy["loss"]) == 8
+
+
+def test_train_refuses_options_of_the_other_family_in_one_line():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    for args, message in ((["eventgpt", "--image-weight", "1"], "--image-weight is for videollava"),
+                          (["eventgpt", "--patch-size", "6"], "--patch-size must be even and divide")):
+        proc = subprocess.run([sys.executable, "-m", "vlopt.train", *args], capture_output=True, text=True,
+                              cwd=Path(__file__).parents[1], timeout=120)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr

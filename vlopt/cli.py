@@ -388,7 +388,16 @@ def train(family: str = typer.Argument(..., help="eventgpt | videollava"),
           threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads."),
           eval_scenes: int = typer.Option(200, min=1, help="Held-out scenes evaluated at the end."),
           eval_seed: int = typer.Option(0, help="Seed of the held-out scenes."),
-          workers: int = typer.Option(1, min=1, help="Processes rendering the training scenes.")):
+          workers: int = typer.Option(1, min=1, help="Processes rendering the training scenes."),
+          time_budget: Optional[float] = typer.Option(None, min=1.0, help="Seconds of training: fewer steps if "
+                                                      "--steps would take longer (the count trained is recorded)."),
+          vision_lr: float = typer.Option(1.0, min=0.0, help="Learning-rate scale of the vision side."),
+          patch_size: Optional[int] = typer.Option(None, min=2, help="CLIP patch size (even, divides 56; default 14)."),
+          vision_layers: Optional[int] = typer.Option(None, min=1, help="CLIP layers (default 3)."),
+          unit_gain: bool = typer.Option(False, "--unit-gain", help="Projector/adaptor init std 1/sqrt(fan_in)."),
+          image_weight: Optional[float] = typer.Option(None, min=0.0, help="Video-LLaVA: image samples per video "
+                                                       "sample (default 0.5)."),
+          eval_every: int = typer.Option(0, min=0, help="Evaluate every N steps as well (0: only at the end).")):
     """Train the trained-tiny model of a family on the synthetic scene task (seeded; deterministic
     on CPU). `vlopt/weights/<family>-tiny/` holds the shipped result and the command that made it."""
     from vlopt import train as training
@@ -398,14 +407,22 @@ def train(family: str = typer.Argument(..., help="eventgpt | videollava"),
         raise VloptError(f"vlopt train trains {' or '.join(training.FAMILIES)}, not '{family}'")
     if device not in ("cpu", "cuda"):
         raise VloptError(f"--device must be cpu or cuda, not '{device}'")
+    if image_weight is not None and family != "videollava":
+        raise VloptError("--image-weight is for videollava (the only family trained on two inputs)")
+    if patch_size is not None and (56 % patch_size or patch_size % 2):
+        raise VloptError(f"--patch-size must be even and divide the 56 px scenes (2, 4, 8, 14, 28), not {patch_size}")
     if out is not None:
         from vlopt.checkpoint import check_creatable
 
         check_creatable(out, "--out")
     say = (lambda msg: None) if STATE["quiet"] else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    vision = {k: v for k, v in (("patch_size", patch_size), ("num_hidden_layers", vision_layers)) if v}
+    weights = {"video": 1.0, "image": image_weight} if image_weight is not None else None
     training.train(family, steps=steps, seed=seed, device=device, out=out, pool_scenes=pool_scenes,
                    batch_size=batch_size, lr=lr, exit_weight=exit_weight, attribute_weight=attribute_weight,
-                   eval_scenes=eval_scenes, eval_seed=eval_seed, threads=threads, workers=workers, log=say)
+                   eval_scenes=eval_scenes, eval_every=eval_every, eval_seed=eval_seed, threads=threads,
+                   workers=workers, time_budget=time_budget, vision_lr=vision_lr, vision=vision or None,
+                   unit_gain=unit_gain, modality_weights=weights, log=say)
 
 
 @app.command()

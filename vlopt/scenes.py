@@ -31,6 +31,7 @@ from different `SeedSequence` spawn keys, so no seed can give a training scene t
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -130,8 +131,10 @@ def make_scene(seed: int, index: int, split: str) -> Scene:
 
 # ---- rendering -----------------------------------------------------------------------------------
 
+@functools.cache
 def _pixel_centres() -> tuple[np.ndarray, np.ndarray]:
     ys, xs = np.mgrid[0:SIZE, 0:SIZE].astype(np.float64) + 0.5
+    xs.flags.writeable = ys.flags.writeable = False     # shared by every call
     return xs, ys
 
 

@@ -1,7 +1,9 @@
 """Training the "trained tiny" models of both families on the synthetic scene task (`vlopt.scenes`).
 
-    python -m vlopt.train eventgpt --steps 3000 --seed 0 --device cuda --out out/trained/eventgpt
-    python -m vlopt.train videollava --steps 3000 --seed 0 --device cuda --out out/trained/videollava
+    vlopt train eventgpt --steps 3000 --seed 0 --device cuda --out out/trained/eventgpt
+    vlopt train videollava --steps 3000 --seed 0 --device cuda --out out/trained/videollava
+
+(`python -m vlopt.train ...` is the same command.)
 
 The models have the families' real structure, built through the same classes as the presets, at
 sizes that train in minutes: a CLIP tower at the scene's 56 px (patch 14: 16 patches + CLS), the
@@ -24,7 +26,6 @@ Seeded: on CPU the same seed and steps give the same loss history. The output fo
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -503,6 +504,9 @@ def param_groups(vlm, probe, *, weight_decay: float, vision_lr: float) -> list[d
     return list(groups.values())
 
 
+BUDGET_PROBE_STEPS = 50    # steps timed before a time budget sets the step count (inside the warm-up)
+
+
 def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
     """Linear warm-up, then cosine decay to a tenth of `lr`."""
     if step < warmup:
@@ -533,11 +537,14 @@ def train(family: str, *, steps: int, seed: int = 0, device: str = "cpu", out: s
           pool_scenes: int = 2000, exit_weight: float = 0.5, attribute_weight: float = 1.0, log_every: int = 50,
           eval_scenes: int = 100, eval_every: int = 0, eval_seed: int = 0, vision_lr: float = 1.0,
           vision: dict | None = None, unit_gain: bool = False, modality_weights: dict | None = None,
-          threads: int | None = None, workers: int = 1, log=print) -> dict:
+          threads: int | None = None, workers: int = 1, time_budget: float | None = None, log=print) -> dict:
     """Train a trained-tiny model of `family`; returns the loss history and evaluation (and saves the
     model to `out` when given). Deterministic on CPU for a given seed. `vision_lr` scales the learning
     rate of the vision side (towers, projector, adaptor): see `param_groups`; `vision` and `unit_gain`
-    go to `build_model`; `modality_weights` replaces the family's `MODALITIES` sampling weights."""
+    go to `build_model`; `modality_weights` replaces the family's `MODALITIES` sampling weights.
+    `time_budget` (seconds of training): after `BUDGET_PROBE_STEPS` steps the step count is lowered,
+    once, to what fits at the speed measured so far, and the learning-rate schedule follows the new
+    count; the count trained is recorded, and `steps=<that count>` reruns the same schedule."""
     import torch
 
     if threads:
@@ -553,11 +560,18 @@ def train(family: str, *, steps: int, seed: int = 0, device: str = "cpu", out: s
     groups = param_groups(vlm, probe, weight_decay=weight_decay, vision_lr=vision_lr)
     params = [p for g in groups for p in g["params"]]
     opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), fused=False)
-    warmup = min(200, max(1, steps // 10)) if warmup is None else warmup
+    if warmup is None:
+        warmup = 200 if time_budget else min(200, max(1, steps // 10))
     history = {"loss": [], "ce": [], "exit_ce": [], "attribute": [], "evals": []}
     vlm.hf.train()
     t0 = time.perf_counter()
-    for step in range(steps):
+    step = 0
+    while step < steps:
+        if time_budget and step == BUDGET_PROBE_STEPS:
+            fits = int(time_budget / ((time.perf_counter() - t0) / step))
+            if fits < steps:
+                log(f"[{family}] {steps} steps do not fit in {time_budget:.0f} s: training {fits}")
+                steps = max(fits, step + 1)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup) * group["lr_scale"]
         loss, ce, exits, attribute = batch_loss(
@@ -579,13 +593,14 @@ def train(family: str, *, steps: int, seed: int = 0, device: str = "cpu", out: s
             result = evaluate_family(vlm, family, scenes_n=eval_scenes, seed=eval_seed)
             history["evals"].append({"step": step + 1, **{m: r["accuracy"] for m, r in result.items()}})
             log(f"[{family}] step {step + 1} eval accuracy " + " ".join(f"{m} {r['accuracy']:.3f}" for m, r in result.items()))
+        step += 1
     train_s = time.perf_counter() - t0
     vlm.hf.eval()
     result = {"family": family, "steps": steps, "seed": seed, "device": device, "batch_size": batch_size, "lr": lr,
               "pool_scenes": pool_scenes, "exit_weight": exit_weight, "attribute_weight": attribute_weight,
               "vision_lr": vision_lr, "vision": vision or {}, "unit_gain": unit_gain,
               "modality_weights": dict(zip(sampler.modalities, sampler.weights.tolist())),
-              "train_seconds": train_s, **history}
+              "time_budget": time_budget, "train_seconds": train_s, **history}
     if eval_scenes:
         result["eval"] = evaluate_family(vlm, family, scenes_n=eval_scenes, seed=eval_seed)
         result["eval_seed"] = eval_seed
@@ -601,42 +616,11 @@ def train(family: str, *, steps: int, seed: int = 0, device: str = "cpu", out: s
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m vlopt.train", description=__doc__.split("\n\n")[0])
-    p.add_argument("family", choices=FAMILIES)
-    p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--out", default=None, help="folder to save the trained model in")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--pool-scenes", type=int, default=2000, help="training scenes rendered once up front")
-    p.add_argument("--exit-weight", type=float, default=0.5, help="weight of the early-exit loss")
-    p.add_argument("--attribute-weight", type=float, default=1.0, help="weight of the attribute-probe loss")
-    p.add_argument("--vision-lr", type=float, default=1.0, help="learning-rate scale of the vision side")
-    p.add_argument("--patch-size", type=int, default=None, help=f"CLIP patch size (default {VISION['patch_size']})")
-    p.add_argument("--vision-layers", type=int, default=None,
-                   help=f"CLIP layers (default {VISION['num_hidden_layers']})")
-    p.add_argument("--unit-gain", action="store_true", help="projector/adaptor init std 1/sqrt(fan_in)")
-    p.add_argument("--image-weight", type=float, default=None,
-                   help="Video-LLaVA: image samples per video sample (default 0.5)")
-    p.add_argument("--log-every", type=int, default=50)
-    p.add_argument("--eval-scenes", type=int, default=100)
-    p.add_argument("--eval-every", type=int, default=0)
-    p.add_argument("--eval-seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--workers", type=int, default=1, help="processes rendering the pool")
-    a = p.parse_args(argv)
-    vision = {k: v for k, v in (("patch_size", a.patch_size), ("num_hidden_layers", a.vision_layers)) if v}
-    weights = {"video": 1.0, "image": a.image_weight} if a.family == "videollava" and a.image_weight else None
-    result = train(a.family, steps=a.steps, seed=a.seed, device=a.device, out=a.out, batch_size=a.batch_size,
-                   lr=a.lr, pool_scenes=a.pool_scenes, exit_weight=a.exit_weight,
-                   attribute_weight=a.attribute_weight, vision_lr=a.vision_lr, vision=vision,
-                   unit_gain=a.unit_gain, modality_weights=weights, log_every=a.log_every,
-                   eval_scenes=a.eval_scenes, eval_every=a.eval_every, eval_seed=a.eval_seed, threads=a.threads,
-                   workers=a.workers)
-    return 0 if result else 1
+    """`python -m vlopt.train ...` is `vlopt train ...`."""
+    from vlopt.cli import main as cli_main
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     sys.exit(main())
