@@ -31,16 +31,9 @@ def tiny_model(request):
 
 
 @pytest.fixture(scope="session")
-def trained_eventgpt(tmp_path_factory) -> dict:
-    """A trained EventGPT as a recipe's `model:` block: the shipped `tiny` preset where it holds
-    trained weights, else a briefly trained (50-step) folder from `vlopt.train` — answers that mean
-    something, whatever their accuracy."""
+def trained_eventgpt() -> dict:
+    """The shipped trained EventGPT (`tiny`) as a recipe's `model:` block."""
     from vlopt.models import load_model
 
-    if load_model("eventgpt", preset="tiny", device="cpu").weights_trained:
-        return {"name": "eventgpt", "preset": "tiny", "dtype": "float32", "device": "cpu"}
-    from vlopt import train
-
-    out = tmp_path_factory.mktemp("trained") / "eventgpt"
-    train.train("eventgpt", steps=50, pool_scenes=64, eval_scenes=0, out=out, log=lambda *_: None)
-    return {"path": str(out), "dtype": "float32", "device": "cpu"}
+    assert load_model("eventgpt", preset="tiny", device="cpu").weights_trained
+    return {"name": "eventgpt", "preset": "tiny", "dtype": "float32", "device": "cpu"}

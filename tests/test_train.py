@@ -39,10 +39,21 @@ def test_training_is_deterministic_on_cpu_and_lowers_the_loss(fresh):
                   log=lambda *_: None)
     first, second = T.train(family, **kwargs), T.train(family, **kwargs)
     assert first["loss"] == second["loss"] and first["exit_ce"] == second["exit_ce"]
+    assert first["vision_attribute"] == second["vision_attribute"] and len(first["vision_attribute"]) == 10
     assert len(first["loss"]) == 10 and len(first["exit_ce"][0]) == T.TEXT["num_hidden_layers"] - 1
     assert sum(first["loss"][-3:]) < 0.7 * sum(first["loss"][:3])
     other = T.train(family, **{**kwargs, "seed": 2, "steps": 2})
     assert other["loss"] != first["loss"][:2]
+
+
+def test_the_decoder_phase_leaves_the_vision_side_as_the_vision_phase_left_it():
+    result = T.train("eventgpt", steps=3, vision_steps=0, seed=1, batch_size=2, pool_scenes=2, eval_scenes=0,
+                     threads=1, log=lambda *_: None)
+    fresh = T.build_model("eventgpt", seed=1).hf.state_dict()
+    trained = result["model"].hf.state_dict()
+    vision = [k for k in fresh if k.startswith(tuple(result["model"].vision_modules))]
+    assert vision and all(torch.equal(fresh[k], trained[k]) for k in vision)
+    assert not torch.equal(fresh["model.layers.0.mlp.up_proj.weight"], trained["model.layers.0.mlp.up_proj.weight"])
 
 
 def test_a_saved_model_loads_back_with_equal_logits(fresh, tmp_path):
@@ -83,7 +94,7 @@ def test_draft_agreement_reports_every_exit(fresh):
     assert all(0 <= s["agreement"] <= 1 and 0 <= s["acceptance"] <= 1 for s in stats.values())
 
 
-def test_vision_overrides_keep_batched_stage3_equal_and_the_vision_side_slower():
+def test_vision_overrides_keep_batched_stage3_equal():
     from vlopt.models import get_workload
 
     vlm = T.build_model("eventgpt", vision={"patch_size": 8})
@@ -94,19 +105,14 @@ def test_vision_overrides_keep_batched_stage3_equal_and_the_vision_side_slower()
     assert feats.shape[1] == 5 + (S.SIZE // 8) ** 2 + 1
     embeds, _ = T.splice_batch(vlm, [T.expanded_prompt(vlm, prep["input_ids"], feats.shape[1])], list(feats))
     torch.testing.assert_close(embeds[0], vlm.encode(prep).embeds[0], rtol=1e-5, atol=1e-5)
-    scales = {id(p): g["lr_scale"] for g in T.param_groups(vlm, None, weight_decay=0.0, vision_lr=0.1)
-              for p in g["params"]}
-    assert scales[id(vlm.hf.model.visual_tower.embeddings.patch_embedding.weight)] == 0.1
-    assert scales[id(vlm.hf.model.feature_adaptor.weight)] == 0.1
-    assert scales[id(vlm.text_model.layers[0].mlp.up_proj.weight)] == 1.0
     with pytest.raises(ValueError):
         T.build_model("eventgpt", vision={"patch_size": 7})
 
 
 def test_a_time_budget_lowers_the_step_count_once_and_records_it(monkeypatch):
     monkeypatch.setattr(T, "BUDGET_PROBE_STEPS", 3)
-    kwargs = dict(steps=8, seed=1, device="cpu", batch_size=2, pool_scenes=2, eval_scenes=0, threads=1,
-                  log=lambda *_: None)
+    kwargs = dict(steps=8, vision_steps=0, seed=1, device="cpu", batch_size=2, pool_scenes=2, eval_scenes=0,
+                  threads=1, log=lambda *_: None)
     short = T.train("eventgpt", time_budget=1e-9, **kwargs)     # nothing fits: stop right after the timed steps
     assert short["steps"] == 4 and len(short["loss"]) == 4 and short["time_budget"] == 1e-9
     roomy = T.train("eventgpt", time_budget=1e6, **kwargs)
@@ -123,3 +129,17 @@ def test_train_refuses_options_of_the_other_family_in_one_line():
         proc = subprocess.run([sys.executable, "-m", "vlopt.train", *args], capture_output=True, text=True,
                               cwd=Path(__file__).parents[1], timeout=120)
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("family", T.FAMILIES)
+def test_rescaled_rows_are_what_the_rescaled_model_computes(family):
+    vlm = T.build_model(family, seed=0)
+    pool = T.build_pool(vlm, family, S.scenes(0, 3, "train"))
+    rows = T.visual_rows(vlm, pool)
+    factor = T.rescale_rows(vlm, rows)
+    assert factor > 0
+    again = T.visual_rows(vlm, pool)
+    for modality in rows:
+        torch.testing.assert_close(again[modality], rows[modality], rtol=1e-5, atol=1e-6)
+    rms = torch.cat([r.flatten() for r in again.values()]).pow(2).mean().sqrt()
+    assert abs(float(rms) - T.ROW_RMS) < 1e-4

@@ -376,30 +376,30 @@ def eval_(model: Optional[str] = typer.Option(None, help="eventgpt | videollava 
 
 @app.command()
 def train(family: str = typer.Argument(..., help="eventgpt | videollava"),
-          steps: int = typer.Option(4000, min=1, help="Optimizer steps."),
+          steps: int = typer.Option(1500, min=1, help="Decoder steps (phase 2)."),
+          vision_steps: Optional[int] = typer.Option(None, min=0, help="Vision-side steps (phase 1; default --steps)."),
           seed: int = typer.Option(0, help="Seeds the initial weights, the training scenes and the sampling."),
           device: str = typer.Option("cpu", help="cpu | cuda"),
           out: Optional[Path] = typer.Option(None, "-o", "--out", help="Folder to save the trained model in."),
-          pool_scenes: int = typer.Option(2000, min=1, help="Training scenes rendered once up front."),
+          pool_scenes: int = typer.Option(4000, min=1, help="Training scenes rendered once up front."),
           batch_size: int = typer.Option(32, min=1),
-          lr: float = typer.Option(1e-3, min=0.0),
+          lr: float = typer.Option(2e-3, min=0.0, help="Decoder learning rate."),
+          vision_lr: float = typer.Option(1e-3, min=0.0, help="Vision-side learning rate."),
           exit_weight: float = typer.Option(0.5, min=0.0, help="Weight of the early-exit (LayerSkip) loss."),
-          attribute_weight: float = typer.Option(1.0, min=0.0, help="Weight of the training-only attribute probe."),
           threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads."),
           eval_scenes: int = typer.Option(200, min=1, help="Held-out scenes evaluated at the end."),
           eval_seed: int = typer.Option(0, help="Seed of the held-out scenes."),
+          eval_every: int = typer.Option(0, min=0, help="Evaluate every N decoder steps as well (0: only at the end)."),
           workers: int = typer.Option(1, min=1, help="Processes rendering the training scenes."),
-          time_budget: Optional[float] = typer.Option(None, min=1.0, help="Seconds of training: fewer steps if "
-                                                      "--steps would take longer (the count trained is recorded)."),
-          vision_lr: float = typer.Option(1.0, min=0.0, help="Learning-rate scale of the vision side."),
+          time_budget: Optional[float] = typer.Option(None, min=1.0, help="Seconds of decoder training: fewer steps "
+                                                      "if --steps would take longer (the count trained is recorded)."),
           patch_size: Optional[int] = typer.Option(None, min=2, help="CLIP patch size (even, divides 56; default 14)."),
           vision_layers: Optional[int] = typer.Option(None, min=1, help="CLIP layers (default 3)."),
-          unit_gain: bool = typer.Option(False, "--unit-gain", help="Projector/adaptor init std 1/sqrt(fan_in)."),
           image_weight: Optional[float] = typer.Option(None, min=0.0, help="Video-LLaVA: image samples per video "
-                                                       "sample (default 0.5)."),
-          eval_every: int = typer.Option(0, min=0, help="Evaluate every N steps as well (0: only at the end).")):
-    """Train the trained-tiny model of a family on the synthetic scene task (seeded; deterministic
-    on CPU). `vlopt/weights/<family>-tiny/` holds the shipped result and the command that made it."""
+                                                       "sample (default 1).")):
+    """Train the trained-tiny model of a family on the synthetic scene task: the vision side against an
+    attribute probe, then the decoder on its fixed visual rows (seeded; deterministic on CPU).
+    `vlopt/weights/<family>-tiny/` holds the shipped result and the command that made it."""
     from vlopt import train as training
     from vlopt.errors import VloptError
 
@@ -418,11 +418,11 @@ def train(family: str = typer.Argument(..., help="eventgpt | videollava"),
     say = (lambda msg: None) if STATE["quiet"] else (lambda msg: print(msg, file=sys.stderr, flush=True))
     vision = {k: v for k, v in (("patch_size", patch_size), ("num_hidden_layers", vision_layers)) if v}
     weights = {"video": 1.0, "image": image_weight} if image_weight is not None else None
-    training.train(family, steps=steps, seed=seed, device=device, out=out, pool_scenes=pool_scenes,
-                   batch_size=batch_size, lr=lr, exit_weight=exit_weight, attribute_weight=attribute_weight,
-                   eval_scenes=eval_scenes, eval_every=eval_every, eval_seed=eval_seed, threads=threads,
-                   workers=workers, time_budget=time_budget, vision_lr=vision_lr, vision=vision or None,
-                   unit_gain=unit_gain, modality_weights=weights, log=say)
+    training.train(family, steps=steps, vision_steps=vision_steps, seed=seed, device=device, out=out,
+                   pool_scenes=pool_scenes, batch_size=batch_size, lr=lr, vision_lr=vision_lr,
+                   exit_weight=exit_weight, eval_scenes=eval_scenes, eval_every=eval_every, eval_seed=eval_seed,
+                   threads=threads, workers=workers, time_budget=time_budget, vision=vision or None,
+                   modality_weights=weights, log=say)
 
 
 @app.command()
