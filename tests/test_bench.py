@@ -114,3 +114,17 @@ def test_cli_cuda_without_gpu_exits_2():
         pytest.fail("this check is for CPU machines; run the GPU suite with --gpu instead")
     proc = _cli("bench", "--device", "cuda")
     assert proc.returncode == 2 and "no CUDA GPU" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_compare_prints_the_original_three_rows_beside_vlopts(tmp_path):
+    out = tmp_path / "c.json"
+    proc = _cli("bench", "--compare", "--samples", "1", "--warmup", "0", "--new-tokens", "2", "--device", "cpu",
+                "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())["compare"]
+    assert [(r["model"], r["workload"]) for r in rows] == [("eventgpt", "eventgpt-1frame"), ("llava", "llava-event"),
+                                                           ("videollava", "videollava")]
+    assert (rows[0]["seed_stage4_s"], rows[1]["seed_tokens"], rows[2]["seed_stage4_s"]) == (1.0, 90.7, None)
+    assert all(r["tokens"] == 2 for r in rows) and "orig." in proc.stdout
+    refused = _cli("bench", "--compare", "--workload", "eventgpt", "--device", "cpu")
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "leave out --workload" in refused.stderr

@@ -250,11 +250,12 @@ def cpu_conditions(device, *, load: tuple[float, float, float] | None = None, co
             "load_average": [round(x, 2) for x in load], "spin_utilization": round(spin, 3), "warning": warning}
 
 
-def compare_table(results: list[dict]) -> list[dict]:
+def compare_table(results: list[dict], seeds=None) -> list[dict]:
     """The seed's side-by-side table: stage-4 time, its share of stages 1–4, tokens, tok/s, and each
-    model's stage-4 time as a ratio to the first row's."""
+    model's stage-4 time as a ratio to the first row's; with `seeds` (one `SeedRow` per result) also
+    the original work's numbers for the same row (None where it has none)."""
     rows, ref = [], None
-    for r in results:
+    for i, r in enumerate(results):
         s4 = r["stage4"]
         ref = ref or s4["stage4_ms"]
         rows.append({"model": r["model"]["name"], "workload": r["workload"]["name"],
@@ -263,4 +264,8 @@ def compare_table(results: list[dict]) -> list[dict]:
                      "tok_s": s4["new_tokens"] / (s4["stage4_ms"] / 1e3),
                      "decode_tok_s": s4["tokens_per_s"], "prefill_ms": s4["prefill_ms"],
                      "ratio": s4["stage4_ms"] / ref})
+        if seeds is not None:
+            seed = seeds[i]
+            rows[-1].update(label=seed.label, seed_context=seed.context_tokens, seed_stage4_s=seed.stage4_s,
+                            seed_tokens=seed.new_tokens, seed_tok_s=seed.tokens_per_s, note=seed.note)
     return rows

@@ -99,7 +99,8 @@ def bench(model: str = typer.Option("eventgpt", help="eventgpt | videollava | a 
           natural: bool = typer.Option(False, help="Stop at EOS instead of a fixed budget."),
           input_path: Optional[Path] = typer.Option(None, "--input", help="Event file / frames folder / image."),
           allow_pickle: bool = typer.Option(False, help="Allow the original pickled-dict event .npy (runs code)."),
-          compare: bool = typer.Option(False, "--compare", help="Both models; print the seed's comparison table."),
+          compare: bool = typer.Option(False, "--compare", help="The original comparison's three rows (EventGPT and "
+                                       "LLaVA-1.5 on one event frame, Video-LLaVA on 8 frames) beside its numbers."),
           batch: Optional[str] = typer.Option(None, "--batch", help="Also time stage 4 at these batch sizes, "
                                                                     "e.g. 1,4,16,32 (throughput vs batch)."),
           scenes: Optional[int] = typer.Option(None, "--scenes", min=1, max=10_000,
@@ -112,10 +113,9 @@ def bench(model: str = typer.Option("eventgpt", help="eventgpt | videollava | a 
     from vlopt.bench import cpu_conditions
     from vlopt.checkpoint import is_vlopt_output
     from vlopt.manager import load_optimized
-    from vlopt.models import load_model
-    from vlopt.plugins import get_registry
-
     from vlopt.bench_batch import batch_table, parse_batch_sizes
+    from vlopt.errors import VloptError
+    from vlopt.models import load_model
 
     sizes = parse_batch_sizes(batch) if batch is not None else None
     rank = _init_distributed()
@@ -125,9 +125,15 @@ def bench(model: str = typer.Option("eventgpt", help="eventgpt | videollava | a 
         from vlopt.checkpoint import check_creatable
         check_creatable(json_out, "--json")
     console = _console()
-    names = sorted(get_registry().models) if compare else [model]
+    if compare:
+        from vlopt.models.llava import SEED_STAGE4_COMPARISON as seeds
+        if workload is not None:
+            raise VloptError("--compare runs the original comparison's own workloads; leave out --workload")
+        runs = [(r.model, r.workload) for r in seeds]
+    else:
+        seeds, runs = None, [(model, workload)]
     results, conditions = [], None
-    for name in names:
+    for name, run_workload in runs:
         is_path = not compare and (Path(name).exists() or "/" in name)
         with console.status(f"building {name} ({'checkpoint' if is_path else preset})"):
             if is_path and is_vlopt_output(Path(name)):   # the rule vlopt.load follows: only through its manifest
@@ -136,7 +142,7 @@ def bench(model: str = typer.Option("eventgpt", help="eventgpt | videollava | a 
                 vlm = load_model(None if is_path else name, preset=preset, path=name if is_path else None,
                                  dtype=dtype, device=device, allow_pickle=allow_pickle)
         conditions = conditions or cpu_conditions(vlm.device)
-        wl = vlm.workload(None if compare else workload)
+        wl = vlm.workload(run_workload)
         with console.status(f"benchmarking {vlm.name} on {wl.name}"):
             results.append(benchmark(vlm, wl, samples=samples, warmup=warmup, new_tokens=new_tokens,
                                      fixed=not natural, input_path=str(input_path) if input_path else None))
@@ -150,12 +156,21 @@ def bench(model: str = typer.Option("eventgpt", help="eventgpt | videollava | a 
         del vlm
     if rank != 0:
         return
-    rows = compare_table(results)
-    _print_table("stage 4 (the seed's table)", rows, [
-        ("model", "model", ""), ("workload", "workload", ""), ("context", "context", "d"),
-        ("stage4_s", "stage-4 s", ".3f"), ("share", "share of 1–4", ".1%"), ("tokens", "tokens", ".0f"),
-        ("tok_s", "tok/s (stage 4)", ".1f"), ("prefill_ms", "prefill ms", ".1f"),
-        ("decode_tok_s", "decode tok/s", ".1f"), ("ratio", "ratio", ".2f")])
+    rows = compare_table(results, seeds)
+    if compare:
+        _print_table(f"stage 4: the original comparison (RTX 4090, 7B, sampled) and vlopt ({preset}, "
+                     f"{results[0]['model']['device']})", rows, [
+            ("label", "model", ""), ("workload", "workload", ""), ("seed_context", "context (orig.)", "d"),
+            ("context", "context", "d"), ("seed_stage4_s", "stage-4 s (orig.)", ".2f"), ("stage4_s", "stage-4 s", ".3f"),
+            ("seed_tokens", "tokens (orig.)", ".1f"), ("tokens", "tokens", ".0f"),
+            ("seed_tok_s", "tok/s (orig.)", ".1f"), ("tok_s", "tok/s", ".1f"), ("share", "share of 1–4", ".1%"),
+            ("ratio", "ratio", ".2f")])
+    else:
+        _print_table("stage 4 (the seed's table)", rows, [
+            ("model", "model", ""), ("workload", "workload", ""), ("context", "context", "d"),
+            ("stage4_s", "stage-4 s", ".3f"), ("share", "share of 1–4", ".1%"), ("tokens", "tokens", ".0f"),
+            ("tok_s", "tok/s (stage 4)", ".1f"), ("prefill_ms", "prefill ms", ".1f"),
+            ("decode_tok_s", "decode tok/s", ".1f"), ("ratio", "ratio", ".2f")])
     for r in results if sizes else []:
         _print_batch_table(r)
     for r in results if scenes else []:
