@@ -304,7 +304,8 @@ def frame_summaries(vlm, modality: str, feats):
 
 def attribute_probe(vlm, family: str, seed: int):
     """A training-only linear readout of the scene's attributes, per modality: `still` reads what a
-    single picture shows (count, colours, sizes) from every visual row on its own, `motion` reads the
+    single picture shows (count, colours, sizes) from every visual row on its own (events) or from each
+    frame's mean row (video, image; see `attribute_loss`), `motion` reads the
     direction from the frame summaries in order. Reading every row makes each row carry the scene, so
     a decoder head attending to any of them finds it (with a probe reading only the concatenated frame
     summaries the decoder was at 38 % after 500 steps). The probe is not part of the saved model."""
@@ -327,7 +328,7 @@ DIRECTION = 1    # the attribute group a still picture cannot show
 
 def _standardised(x):
     """Per feature over the batch: the probe reads what varies between scenes, whatever the scale
-    (the common part is `common_part`'s business)."""
+    (the part common to every scene is penalised in `vision_phase`)."""
     return (x - x.mean(dim=0)) / (x.std(dim=0) + 1e-6) if x.shape[0] > 1 else x * 0
 
 
@@ -537,7 +538,7 @@ def rescale_rows(vlm, rows: dict) -> float:
     """Scale the vision side's output layer (and `rows`, in place) so the visual rows have RMS `ROW_RMS`;
     returns the factor. Phase 1's losses read RMS-normalised rows, so they leave the rows' scale
     wherever it drifts, but the decoder's residual stream does not normalise: rows far smaller than
-    that (as phase 1 leaves them) are drowned by the prompt text mixed in by the first layers, and the
+    that (phase 1 has left them at RMS ~0.0007) are drowned by the prompt text mixed in by the first layers, and the
     decoder learned 3× slower (CPU, EventGPT, 300 steps)."""
     import torch
 
