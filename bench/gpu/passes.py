@@ -24,6 +24,8 @@ PASSES = [
     ({"type": "llm_int8"}, {}),
     ({"type": "nf4", "compute_dtype": "bfloat16"}, {}),
     ({"type": "layer_skip", "draft_layers": 8, "draft_tokens": 4}, {}),
+    ({"type": "speculative", "draft": "self", "draft_layers": 8, "draft_tokens": 4}, {}),
+    ({"type": "speculative", "draft": {"family": "{other}", "preset": "{preset}"}, "draft_tokens": 4}, {}),
     ({"type": "early_stop", "eos_threshold": 0.5, "max_sentences": 2}, {"natural": True}),
 ]
 
@@ -40,14 +42,25 @@ def main() -> None:
     only = sys.argv[sys.argv.index("--only") + 1].split(",") if "--only" in sys.argv else None
     spec = ({"name": model, "preset": "tiny", "dtype": "float32", "device": "cpu"} if smoke else
             {"name": model, "preset": "7b", "dtype": "bfloat16", "device": "cuda"})
+    names = {"model": model, "other": {"eventgpt": "videollava"}.get(model, "eventgpt"), "preset": spec["preset"]}
+
+    def filled(v):                      # "{model}", "{other}" (the other family), "{preset}" in a row
+        if isinstance(v, str):
+            return v.format(**names)
+        if isinstance(v, dict):
+            return {k: filled(x) for k, x in v.items()}
+        return [filled(x) for x in v] if isinstance(v, list) else v
+
     rows = []
     for cfgs, bench in PASSES:
-        chain = cfgs if isinstance(cfgs, list) else [cfgs]
+        chain = filled(cfgs if isinstance(cfgs, list) else [cfgs])
         cfg = chain[-1]
+        if smoke and cfg.get("draft_layers"):       # the tiny presets have 8 layers
+            cfg["draft_layers"] = 2
         key = cfg.get("method") or cfg.get("scope") or cfg["type"]
         if (smoke and cfg.get("implementation") == "flash") or (only and key not in only):
             continue
-        bench = {k: v.format(model=model) if isinstance(v, str) else v for k, v in bench.items()}
+        bench = filled(bench)
         recipe = {"model": spec, "benchmark": {"samples": 2, "warmup": 1, **bench}, "passes": chain}
         with tempfile.TemporaryDirectory() as tmp:
             result = run_recipe(recipe, tmp)
