@@ -113,17 +113,48 @@ def passes_table(run: Run) -> list[str]:
             f"{s0['stage4_ms']:.0f}{mid('stage4_ms', '.0f')} → {_f(s1.get('stage4_ms'), '.0f')} | "
             f"{_f(row.speedup_vs_baseline, '.2f')} | {_f(row.speedup_vs_previous if prev else None, '.2f')} | {context} | "
             f"{s0['peak_mem_mb']:.0f} → {_f(s1.get('peak_mem_mb'), '.0f')} | {_f(fid.get('top1_agreement'), '.3f')} | "
-            f"{_f(fid.get('mean_kl'), '.2e')} | {shown or (row.info or {}).get('kernel') or ''} |")
+            f"{_f(fid.get('mean_kl'), '.2e')} | {shown or (row.info or {}).get('kernel') or row.error or ''} |")
     return [*lines, ""]
 
 
 def compare_table(run: Run) -> list[str]:
+    """A `vlopt bench --compare` run: each row beside the original work's numbers for it (– where the
+    original has none)."""
     lines = [*run.header(run.data["results"][0]["machine"]),
-             "| model | workload | context | stage-4 s | share of stages 1–4 | tokens | tok/s (stage 4) | prefill ms | decode tok/s | ratio |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| row | workload | context (orig.) | context | stage-4 s (orig.) | stage-4 s | tokens (orig.) | tokens | "
+             "tok/s (orig.) | tok/s (stage 4) | prefill ms | decode tok/s | share of stages 1–4 | ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in run.data["compare"]:
-        lines.append(f"| {r['model']} | {r['workload']} | {r['context']} | {r['stage4_s']:.3f} | {r['share']:.1%} | "
-                     f"{r['tokens']:.0f} | {r['tok_s']:.1f} | {r['prefill_ms']:.1f} | {r['decode_tok_s']:.1f} | {r['ratio']:.2f} |")
+        lines.append(f"| {r.get('label', r['model'])} | {r['workload']} | {_f(r.get('seed_context'), 'd')} | {r['context']} | "
+                     f"{_f(r.get('seed_stage4_s'), '.2f')} | {r['stage4_s']:.3f} | {_f(r.get('seed_tokens'))} | "
+                     f"{r['tokens']:.0f} | {_f(r.get('seed_tok_s'))} | {r['tok_s']:.1f} | {r['prefill_ms']:.1f} | "
+                     f"{r['decode_tok_s']:.1f} | {r['share']:.1%} | {r['ratio']:.2f} |")
+    return [*lines, ""]
+
+
+def batch_table(runs: list[Run]) -> list[str]:
+    """Every batch.py run of one model merged into one table: per engine and batch size, aggregate
+    decode tok/s and its ratios to batch 1 and to each HF engine at the same batch (the run each
+    engine came from is named, since a ratio across runs is across processes)."""
+    rows, where = {}, {}
+    for run in runs:
+        for engine, table in run.data["engines"].items():
+            for r in table["rows"]:
+                rows[(engine, r["batch"])] = r
+                where[engine] = run.file
+    lines = [*[h for run in runs for h in run.header(run.data["machine"])],
+             "| engine | batch | decode tok/s (all rows) | × batch 1 | × HF eager | × HF static+compile | "
+             "stage-4 tok/s | prefill ms | stage 4 per clip ms | batch latency ms | peak MB | run |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (engine, size), r in rows.items():
+        tok = r["decode_tokens_per_s"]
+        ratio = {hf: _f(tok / rows[(hf, size)]["decode_tokens_per_s"], ".2f") if (hf, size) in rows else "–"
+                 for hf in ("hf_eager", "hf_static_compile")}
+        one = rows.get((engine, 1))
+        lines.append(f"| {engine} | {size} | {tok:.1f} | {_f(tok / one['decode_tokens_per_s'] if one else None, '.2f')} | "
+                     f"{ratio['hf_eager']} | {ratio['hf_static_compile']} | {r['tokens_per_s']:.1f} | "
+                     f"{r['prefill_ms']:.1f} | {r['stage4_per_clip_ms']:.1f} | {r['stage4_ms']:.1f} | "
+                     f"{_f(r['peak_mem_mb'], '.0f')} | `{where[engine]}` |")
     return [*lines, ""]
 
 
@@ -132,7 +163,11 @@ def main(folder: Path) -> None:
     runs = [Run(folder, e) for e in index["runs"]]
     summary, taken = [], set()
     tables: dict[tuple[str, str], list[str]] = {}
+    batches: dict[str, list[Run]] = {}
     for run in runs:
+        if run.kind == "batch":
+            batches.setdefault(run.model, []).append(run)
+            continue
         if run.kind == "suite":
             lines, entries = suite_table(run)
             for e in entries:
@@ -143,9 +178,12 @@ def main(folder: Path) -> None:
             lines = passes_table(run) if run.kind == "passes" else compare_table(run)
         for key in {(run.kind, run.model), (run.kind, "all")}:
             tables.setdefault(key, []).extend(lines)
+    for model, model_runs in batches.items():
+        tables[("batch", model)] = batch_table(model_runs)
     suites = [r for r in runs if r.kind == "suite"]
     if suites:
-        machine = suites[0].data["rows"][0]["bench"]["machine"]
+        machine = dict(suites[0].data["rows"][0]["bench"]["machine"])
+        machine["commit"] = suites[0].commit or machine.get("commit")     # the index's commit where the file's is wrong
         (folder / "summary.json").write_text(json.dumps({"machine": machine, "entries": summary}, indent=1))
     for md in sorted(folder.glob("*.md")):
         text = md.read_text()
