@@ -135,3 +135,17 @@ def test_config_errors():
         get_registry().apply(cpu, {"type": "speculative", "draft": {"family": "eventgpt"}})
     with pytest.raises(VloptError, match="needs its family"):
         get_registry().apply(cpu, {"type": "speculative", "draft": {"preset": "tiny"}})
+
+
+def test_a_recipe_with_the_other_family_as_draft_answers_the_held_out_scenes(tmp_path):
+    """The manager's quality step answers held-out scenes nobody paired: each scene input carries its
+    origin, so the draft renders the same scene in its own modality; the answers stay the target's."""
+    from vlopt.testing import run_recipe
+
+    recipe = {"model": {"name": "eventgpt", "preset": "tiny", "dtype": "float32", "device": "cpu"},
+              "benchmark": {"samples": 1, "warmup": 0, "quality_scenes": 4},
+              "passes": [{"type": "speculative", "draft": {"family": "videollava", "preset": "tiny"},
+                          "draft_tokens": 3}]}
+    row = run_recipe(recipe, tmp_path).rows[-1]
+    assert row.status == "applied", row.error
+    assert row.quality.scenes == 4 and row.quality.answer_agreement == 1.0

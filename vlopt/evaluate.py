@@ -117,6 +117,8 @@ def answer(vlm, qset: QualitySet, *, new_tokens: int = ANSWER_TOKENS) -> list[st
         state = stages_state(vlm)
         if state != qset._state:
             qset._inputs = [vlm.run_stages(it.path, qset.workload, it.qa.question) for it in qset.items]
+            for inp, it in zip(qset._inputs, qset.items):
+                inp.origin = (it.scene, it.qa.question)
             qset._state = state
         out = []
         for inp in qset._inputs:

@@ -39,6 +39,9 @@ class Stage4Input:
     embeds: torch.Tensor                   # [1, L, hidden]: text embeddings with visual rows spliced in
     attention_mask: torch.Tensor           # [1, L]
     visual_spans: list[tuple[int, int]]    # [start, end) of the visual rows
+    # (scene, question) when built from a synthetic scene (`vlopt.scenes`): a draft model of another
+    # modality renders the same scene from it. Not part of what stage 4 decodes.
+    origin: tuple | None = field(default=None, compare=False, repr=False)
 
     @property
     def context_tokens(self) -> int:

@@ -19,7 +19,9 @@ Any other draft needs its own rendering of the same scene (events vs video): the
 target's input up among paired inputs (`pair`: target input → draft input, matched by value). At
 apply time the benchmark's demo input is paired for the workload's questions (each family's demo
 input for the same question); `pair_scene` pairs a synthetic scene's two renderings
-(`vlopt.scenes`). A prompt with no pair is refused, naming `pair`. The draft's stages 1–3 run when
+(`vlopt.scenes`); an input that carries the scene it was built from (`Stage4Input.origin`, as the
+held-out quality scenes do) is rendered for the draft on first use. Any other prompt with no pair
+is refused, naming `pair`. The draft's stages 1–3 run when
 pairing, outside the stage-4 time.
 """
 
@@ -70,9 +72,10 @@ class PairedInputs:
     value (the target's stages 1–3 are deterministic, so a re-run gives the same embeddings).
     Bounded: the oldest pair goes first."""
 
-    def __init__(self, limit: int = 512):
+    def __init__(self, limit: int = 512, render=None):
         self.pairs: list[tuple] = []
         self.limit = limit
+        self.render = render          # (scene, question) -> the draft's input, for inputs that carry an origin
 
     def add(self, target_inp, draft_inp) -> None:
         self.pairs = [p for p in self.pairs if not _same(p[0], target_inp)][-(self.limit - 1):]
@@ -82,6 +85,10 @@ class PairedInputs:
         for known, own in reversed(self.pairs):
             if _same(known, target_inp):
                 return own
+        if self.render is not None and target_inp.origin is not None:
+            own = self.render(*target_inp.origin)
+            self.add(target_inp, own)
+            return own
         raise VloptError("speculative: no draft input is paired with this prompt (the draft model decodes from "
                          "its own rendering of the same scene); pair it first with "
                          "vlopt_passes.speculative.pair(vlm, target_input, draft_input) or pair_scene(vlm, scene)")
@@ -116,6 +123,13 @@ def pair(vlm, target_inp, draft_inp) -> None:
         inputs.add(target_inp, draft_inp)
 
 
+def _render(draft, dwl, scene, question):
+    """The draft's stage-4 input for `scene` asked `question`, rendered in the draft's own modality."""
+    from vlopt import scenes
+
+    return draft.encode(draft.preprocess(scenes.render(scene, dwl.input_kind), question, dwl))
+
+
 def pair_scene(vlm, scene, *, question=None, workload=None, draft_workload=None):
     """Render `scene` for the target and for the draft, run each model's stages 1–3 on the same
     question (default: the scene's evaluation question in the target's modality), pair the inputs and
@@ -127,7 +141,7 @@ def pair_scene(vlm, scene, *, question=None, workload=None, draft_workload=None)
     dwl = draft.workload(draft_workload) if draft_workload is None or isinstance(draft_workload, str) else draft_workload
     question = question or scenes.question(scene, workload.input_kind).question
     target_inp = vlm.encode(vlm.preprocess(scenes.render(scene, workload.input_kind), question, workload))
-    pair(vlm, target_inp, draft.encode(draft.preprocess(scenes.render(scene, dwl.input_kind), question, dwl)))
+    pair(vlm, target_inp, _render(draft, dwl, scene, question))
     return target_inp
 
 
@@ -207,7 +221,8 @@ def apply(vlm, cfg: Config, ctx) -> PassOutcome:
     draft = load_draft(cfg.draft, vlm)
     check_shared_tokenizer(vlm, draft)
     shared = shares_stages_1_to_3(vlm, draft)
-    inputs = (lambda inp: inp) if shared else PairedInputs()
+    dwl = draft.workload(cfg.draft.workload)
+    inputs = (lambda inp: inp) if shared else PairedInputs(render=lambda scene, q: _render(draft, dwl, scene, q))
     size = sum(p.numel() for p in draft.hf.parameters())
     name = f"{draft.name} ({cfg.draft.preset or cfg.draft.path}, {len(draft.text_model.layers)} layers)"
     engine = SpeculativeEngine(ModelDraft(draft, inputs, name=name), draft_tokens=cfg.draft_tokens)
@@ -217,7 +232,6 @@ def apply(vlm, cfg: Config, ctx) -> PassOutcome:
         from vlopt.models.tokenizer import DEFAULT_QUESTION, QUESTIONS
 
         workload = ctx.workload or vlm.workload()
-        dwl = draft.workload(cfg.draft.workload)
         questions = QUESTIONS[: workload.questions] if workload.questions > 1 else [DEFAULT_QUESTION]
         for q in questions:   # the benchmark's demo input: each family's demo input, same question
             inputs.add(vlm.run_stages(None, workload, q), draft.run_stages(None, dwl, q))
