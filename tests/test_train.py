@@ -146,3 +146,33 @@ def test_rescaled_rows_are_what_the_rescaled_model_computes(family):
         torch.testing.assert_close(again[modality], rows[modality], rtol=1e-5, atol=1e-5)
     rms = torch.cat([r.flatten() for r in again.values()]).pow(2).mean().sqrt()
     assert abs(float(rms) - T.ROW_RMS) < 1e-4
+
+
+def test_the_kind_curriculum_draws_the_kinds_with_the_highest_loss_most():
+    curriculum = T.KindCurriculum(["events"])
+    kinds = S.kinds("events")
+    assert curriculum.weights()["events"] == pytest.approx([1 / len(kinds)] * len(kinds))   # all start equal
+    hard = kinds[1]
+    draws = [T.Draw(0, "events", [], [], k) for k in kinds] * 200
+    curriculum.update(draws, [1.2 if d.kind == hard else 0.0 for d in draws])
+    w = dict(zip(kinds, curriculum.weights()["events"]))
+    assert sum(w.values()) == pytest.approx(1.0)
+    assert w[hard] > 0.5 and all(v > 0 for v in w.values())          # learned kinds keep the floor
+    vlm = T.build_model("eventgpt", seed=0)
+    pool = T.build_pool(vlm, "eventgpt", S.scenes(0, 2, "train"))
+    sampler = T.Sampler(vlm, "eventgpt", pool, seed=0)
+    sampler.kind_weights = {"events": [1.0 if k == hard else 0.0 for k in kinds]}
+    assert {d.kind for d in sampler.draw(16)} == {hard}
+
+
+def test_each_answers_own_loss_averages_to_the_batch_loss():
+    vlm = T.build_model("eventgpt", seed=0)
+    pool = T.build_pool(vlm, "eventgpt", S.scenes(0, 3, "train"))
+    draws = T.Sampler(vlm, "eventgpt", pool, seed=0).draw(6)
+    with torch.no_grad():
+        rows = T.visual_rows(vlm, pool)["events"]
+        ce, _, _, per_answer = T.decoder_loss(vlm, draws, [rows[d.index] for d in draws], exit_weight=0.5)
+        lengths = [len(d.answer) for d in draws]
+        assert float(ce) == pytest.approx(sum(c * n for c, n in zip(per_answer, lengths)) / sum(lengths), rel=1e-5)
+        alone, _, _, _ = T.decoder_loss(vlm, draws[:1], [rows[draws[0].index]], exit_weight=0.5)
+    assert per_answer[0] == pytest.approx(float(alone), rel=1e-4)

@@ -33,6 +33,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from vlopt import scenes
 
@@ -223,8 +224,17 @@ def build_pool(vlm, family: str, scene_set: list, *, workers: int = 1) -> Pool:
     return Pool(list(scene_set), pixels, attributes)
 
 
+class Draw(NamedTuple):
+    index: int              # the pool scene
+    modality: str
+    prompt: list            # prompt ids (one placeholder for the visual rows)
+    answer: list            # answer ids, EOS last
+    kind: str               # the question kind (`scenes.kinds`)
+
+
 class Sampler:
-    """Seeded (scene, modality, question) draws: modality by weight, kind uniform, object uniform."""
+    """Seeded (scene, modality, question) draws: modality by weight, kind uniform or by `kind_weights`
+    (modality -> one weight per kind of `scenes.kinds`), object uniform."""
 
     def __init__(self, vlm, family: str, pool: Pool, seed: int, weights: dict | None = None):
         import numpy as np
@@ -239,6 +249,7 @@ class Sampler:
         self.workloads = {m: get_workload(WORKLOADS[m]) for m in self.modalities}
         self._prompts: dict = {}
         self._answers: dict = {}
+        self.kind_weights: dict | None = None
 
     def prompt_ids(self, modality: str, question: str) -> list[int]:
         key = (modality, question)
@@ -260,10 +271,13 @@ class Sampler:
             modality = self.modalities[int(self.rng.choice(len(self.modalities), p=self.weights))]
             scene = self.pool.scenes[i]
             kinds = scenes.kinds(modality)
-            kind = kinds[int(self.rng.integers(len(kinds)))]
+            if self.kind_weights is None:
+                kind = kinds[int(self.rng.integers(len(kinds)))]
+            else:
+                kind = kinds[int(self.rng.choice(len(kinds), p=self.kind_weights[modality]))]
             thing = scene.things[int(self.rng.integers(len(scene.things)))]
             item = scenes.qa(scene, kind, thing, still=modality == "image")
-            out.append((i, modality, self.prompt_ids(modality, item.question), self.answer_ids(item.answer)))
+            out.append(Draw(i, modality, self.prompt_ids(modality, item.question), self.answer_ids(item.answer), kind))
         return out
 
 
@@ -356,16 +370,16 @@ def attribute_loss(probe, modality: str, rows, summaries, labels):
 
 
 def decoder_loss(vlm, draws: list[tuple], feats: list, *, exit_weight: float) -> tuple:
-    """(answer cross-entropy, per-exit cross-entropies, their weighted total) of the decoder on `draws`
-    with each sample's visual rows `feats`."""
+    """(answer cross-entropy, per-exit cross-entropies, their weighted total, each draw's own answer
+    cross-entropy) of the decoder on `draws` with each sample's visual rows `feats`."""
     import torch
     import torch.nn.functional as F
 
     sequences, labels = [], []
-    for (_, _, prompt, answer), f in zip(draws, feats):
-        prompt = expanded_prompt(vlm, prompt, f.shape[0])
-        sequences.append(prompt + answer[:-1])
-        labels.append([-100] * (len(prompt) - 1) + answer)
+    for d, f in zip(draws, feats):
+        prompt = expanded_prompt(vlm, d.prompt, f.shape[0])
+        sequences.append(prompt + d.answer[:-1])
+        labels.append([-100] * (len(prompt) - 1) + d.answer)
     embeds, mask = splice_batch(vlm, sequences, feats)
     target = torch.full(mask.shape, -100, dtype=torch.long)
     for b, lab in enumerate(labels):
@@ -383,10 +397,14 @@ def decoder_loss(vlm, draws: list[tuple], feats: list, *, exit_weight: float) ->
         for h in hooks:
             h.remove()
     y = target[answer_rows]
-    ce = F.cross_entropy(head(final[answer_rows]).float(), y)
+    token_ce = F.cross_entropy(head(final[answer_rows]).float(), y, reduction="none")
+    ce = token_ce.mean()
     exits = [F.cross_entropy(head(tm.norm(h[answer_rows])).float(), y) for h in captured]
     total = ce + exit_weight * sum(w * e for w, e in zip(exit_weights(len(tm.layers)), exits))
-    return ce.detach(), [e.detach() for e in exits], total
+    sample = torch.arange(len(draws), device=y.device).unsqueeze(1).expand_as(answer_rows)[answer_rows]
+    per_answer = torch.zeros(len(draws), device=y.device).index_add_(0, sample, token_ce.detach())
+    per_answer /= answer_rows.sum(dim=1)
+    return ce.detach(), [e.detach() for e in exits], total, per_answer.tolist()
 
 
 # ---- early-exit agreement ----------------------------------------------------------------------------
@@ -460,6 +478,31 @@ def draft_agreement(vlm, scene_set: list, *, workload=None, draft_tokens: int = 
 
 
 # ---- training ----------------------------------------------------------------------------------------
+
+class KindCurriculum:
+    """Question kinds drawn in proportion to their running answer loss (plus a floor), per modality.
+    Drawn uniformly, the kinds the decoder has already learned keep most of each batch: EventGPT's
+    direction stayed at 58 % after 1500 steps, yet 300 further steps of direction questions alone took
+    it to 99 % on the same visual rows. The loss of a kind is a moving average of its answers' own
+    cross-entropy (every kind starts at `START`)."""
+
+    START, DECAY, FLOOR = 1.0, 0.98, 0.05
+
+    def __init__(self, modalities):
+        self.loss = {m: {k: self.START for k in scenes.kinds(m)} for m in modalities}
+
+    def update(self, draws, per_answer) -> None:
+        for d, ce in zip(draws, per_answer):
+            old = self.loss[d.modality][d.kind]
+            self.loss[d.modality][d.kind] = self.DECAY * old + (1 - self.DECAY) * ce
+
+    def weights(self) -> dict:
+        out = {}
+        for m, by_kind in self.loss.items():
+            w = [by_kind[k] + self.FLOOR for k in scenes.kinds(m)]
+            out[m] = [x / sum(w) for x in w]
+        return out
+
 
 BUDGET_PROBE_STEPS = 50    # decoder steps timed before a time budget sets their count (inside the warm-up)
 
@@ -613,6 +656,7 @@ def train(family: str, *, steps: int, vision_steps: int | None = None, seed: int
     log(f"[{family}] {sum(p.numel() for p in vlm.hf.parameters()) / 1e6:.2f} M params, pool of {pool_scenes} "
         f"scenes rendered in {time.perf_counter() - started:.1f} s")
     sampler = Sampler(vlm, family, pool, seed, weights=modality_weights)
+    curriculum = KindCurriculum(sampler.modalities)
     weights = dict(zip(sampler.modalities, sampler.weights.tolist()))
     vlm.hf.train()
     t0 = time.perf_counter()
@@ -643,7 +687,10 @@ def train(family: str, *, steps: int, vision_steps: int | None = None, seed: int
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup)
         draws = sampler.draw(batch_size)
-        ce, exits, loss = decoder_loss(vlm, draws, [rows[d[1]][d[0]] for d in draws], exit_weight=exit_weight)
+        ce, exits, loss, per_answer = decoder_loss(vlm, draws, [rows[d.modality][d.index] for d in draws],
+                                                   exit_weight=exit_weight)
+        curriculum.update(draws, per_answer)
+        sampler.kind_weights = curriculum.weights()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for _, p in decoder], 1.0)
@@ -667,7 +714,7 @@ def train(family: str, *, steps: int, vision_steps: int | None = None, seed: int
     result = {"family": family, "steps": steps, "vision_steps": vision_steps, "seed": seed, "device": device,
               "batch_size": batch_size, "lr": lr, "vision_lr": vision_lr, "pool_scenes": pool_scenes,
               "exit_weight": exit_weight, "vision": vision or {}, "modality_weights": weights,
-              "time_budget": time_budget, "row_scale": factor, "vision_seconds": vision_s, "decoder_seconds": time.perf_counter() - t1,
+              "time_budget": time_budget, "row_scale": factor, "kind_loss": curriculum.loss, "vision_seconds": vision_s, "decoder_seconds": time.perf_counter() - t1,
               "train_seconds": time.perf_counter() - t0, **history}
     if eval_scenes:
         result["eval"] = evaluate_family(vlm, family, scenes_n=eval_scenes, seed=eval_seed)

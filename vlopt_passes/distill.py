@@ -133,10 +133,10 @@ def _batch(vlm, pool, draws):
             for row, b in enumerate(members):
                 feats[b] = out[row]
     sequences, labels = [], []
-    for (_, _, prompt, answer), f in zip(draws, feats):
-        prompt = train.expanded_prompt(vlm, prompt, f.shape[0])
-        sequences.append(prompt + answer[:-1])
-        labels.append([-100] * (len(prompt) - 1) + answer)
+    for d, f in zip(draws, feats):
+        prompt = train.expanded_prompt(vlm, d.prompt, f.shape[0])
+        sequences.append(prompt + d.answer[:-1])
+        labels.append([-100] * (len(prompt) - 1) + d.answer)
     embeds, mask = train.splice_batch(vlm, sequences, feats)
     target = torch.full(mask.shape, -100, dtype=torch.long)
     for b, lab in enumerate(labels):
