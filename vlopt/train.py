@@ -369,7 +369,7 @@ def attribute_loss(probe, modality: str, rows, summaries, labels):
     return sum(losses) / len(losses)
 
 
-def decoder_loss(vlm, draws: list[tuple], feats: list, *, exit_weight: float) -> tuple:
+def decoder_loss(vlm, draws: list[Draw], feats: list, *, exit_weight: float) -> tuple:
     """(answer cross-entropy, per-exit cross-entropies, their weighted total, each draw's own answer
     cross-entropy) of the decoder on `draws` with each sample's visual rows `feats`."""
     import torch
@@ -634,7 +634,8 @@ def train(family: str, *, steps: int, vision_steps: int | None = None, seed: int
 
     1. `vision_steps` (default `steps`) of the vision side alone against the attribute probe, at `vision_lr`.
     2. `steps` of the decoder (cross-entropy on the answer and EOS, plus the early-exit loss) on the
-       visual rows the fixed vision side gives each pool scene, computed once.
+       visual rows the fixed vision side gives each pool scene, computed once; question kinds are drawn
+       by their running loss (`KindCurriculum`), so the logged answer CE is over that mix.
 
     Why two phases: trained jointly from scratch, the decoder learns the answer prior first and takes
     thousands of steps to start reading a vision side that is still moving (3500 GPU steps, shipped
