@@ -59,6 +59,20 @@ def test_the_decoder_phase_leaves_the_vision_side_as_the_vision_phase_left_it():
     assert not torch.equal(fresh["model.layers.0.mlp.up_proj.weight"], trained["model.layers.0.mlp.up_proj.weight"])
 
 
+def test_the_joint_phase_trains_the_vision_side_too_and_is_deterministic():
+    kwargs = dict(steps=2, vision_steps=0, joint_steps=3, seed=1, batch_size=2, pool_scenes=2, eval_scenes=0,
+                  threads=1, log=lambda *_: None)
+    first, second = T.train("videollava", **kwargs), T.train("videollava", **kwargs)
+    assert len(first["loss"]) == 2 and len(first["joint"]["loss"]) == 3 and first["joint_steps"] == 3
+    assert first["joint"]["loss"] == second["joint"]["loss"]
+    before = T.train("videollava", **{**kwargs, "joint_steps": 0})["model"].hf.state_dict()
+    after = first["model"].hf.state_dict()
+    vision = [k for k in before if k.startswith(tuple(first["model"].vision_modules))]
+    assert any(not torch.equal(before[k], after[k]) for k in vision)
+    assert not torch.equal(before["model.language_model.layers.0.mlp.up_proj.weight"],
+                           after["model.language_model.layers.0.mlp.up_proj.weight"])
+
+
 def test_a_saved_model_loads_back_with_equal_logits(fresh, tmp_path):
     from vlopt.models import get_workload, load_model
 

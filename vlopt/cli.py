@@ -406,14 +406,17 @@ def train(family: str = typer.Argument(..., help="eventgpt | videollava"),
           eval_seed: int = typer.Option(0, help="Seed of the held-out scenes."),
           eval_every: int = typer.Option(0, min=0, help="Evaluate every N decoder steps as well (0: only at the end)."),
           workers: int = typer.Option(1, min=1, help="Processes rendering the training scenes."),
-          time_budget: Optional[float] = typer.Option(None, min=1.0, help="Seconds of decoder training: fewer steps "
+          time_budget: Optional[float] = typer.Option(None, min=1.0, help="Seconds of each decoder phase: fewer steps "
                                                       "if --steps would take longer (the count trained is recorded)."),
+          joint_steps: int = typer.Option(0, min=0, help="Steps of phase 3: decoder and vision side together."),
+          joint_vision_lr: float = typer.Option(2e-4, min=0.0, help="Vision-side learning rate in phase 3."),
           patch_size: Optional[int] = typer.Option(None, min=2, help="CLIP patch size (even, divides 56; default 14)."),
           vision_layers: Optional[int] = typer.Option(None, min=1, help="CLIP layers (default 3)."),
           image_weight: Optional[float] = typer.Option(None, min=0.0, help="Video-LLaVA: image samples per video "
                                                        "sample (default 1).")):
     """Train the trained-tiny model of a family on the synthetic scene task: the vision side against an
-    attribute probe, then the decoder on its fixed visual rows (seeded; deterministic on CPU).
+    attribute probe, then the decoder on its fixed visual rows, then (--joint-steps) both together
+    (seeded; deterministic on CPU).
     `vlopt/weights/<family>-tiny/` holds the shipped result and the command that made it."""
     from vlopt import train as training
     from vlopt.errors import VloptError
@@ -437,7 +440,7 @@ def train(family: str = typer.Argument(..., help="eventgpt | videollava"),
                    pool_scenes=pool_scenes, batch_size=batch_size, lr=lr, vision_lr=vision_lr,
                    exit_weight=exit_weight, eval_scenes=eval_scenes, eval_every=eval_every, eval_seed=eval_seed,
                    threads=threads, workers=workers, time_budget=time_budget, vision=vision or None,
-                   modality_weights=weights, log=say)
+                   modality_weights=weights, joint_steps=joint_steps, joint_vision_lr=joint_vision_lr, log=say)
 
 
 @app.command()

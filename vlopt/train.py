@@ -505,6 +505,68 @@ class KindCurriculum:
 
 
 BUDGET_PROBE_STEPS = 50    # decoder steps timed before a time budget sets their count (inside the warm-up)
+JOINT_DECODER_LR = 0.25    # phase 3's decoder learning rate, as a share of phase 2's: the decoder is already trained
+
+
+def live_rows(vlm, pool: Pool, draws: list) -> list:
+    """Each draw's visual rows, computed now by the (training) vision side, batched per modality."""
+    import torch
+
+    out = [None] * len(draws)
+    for modality in {d.modality for d in draws}:
+        which = [i for i, d in enumerate(draws) if d.modality == modality]
+        idx = torch.as_tensor([draws[i].index for i in which], device=vlm.device)
+        for i, r in zip(which, batch_features(vlm, modality, pool.pixels[modality][idx])):
+            out[i] = r
+    return out
+
+
+def decoder_phase(vlm, name: str, rows_for, groups: list, *, steps: int, sampler, curriculum, batch_size: int,
+                  exit_weight: float, weight_decay: float, time_budget: float | None, history: dict, log_every: int,
+                  eval_every: int, evaluate, log, family: str) -> int:
+    """Phases 2 and 3: `steps` of the decoder loss on the sampler's draws, each draw's visual rows from
+    `rows_for(draws)`; `groups` is [(named parameters, learning rate)], one optimizer each. Appends to
+    `history`; returns the steps trained (fewer when `time_budget` seconds do not fit them)."""
+    import torch
+
+    opts = [(adamw(params, group_lr, weight_decay), group_lr) for params, group_lr in groups]
+    trained = [p for params, _ in groups for _, p in params]
+    warmup = 100 if time_budget else min(100, max(1, steps // 10))
+    t0 = time.perf_counter()
+    step = 0
+    while step < steps:
+        if time_budget and step == BUDGET_PROBE_STEPS:
+            fits = int(time_budget / ((time.perf_counter() - t0) / step))
+            if fits < steps:
+                log(f"[{family}] {steps} {name} steps do not fit in {time_budget:.0f} s: training {fits}")
+                steps = max(fits, step + 1)
+        for opt, group_lr in opts:
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, steps, group_lr, warmup)
+        draws = sampler.draw(batch_size)
+        ce, exits, loss, per_answer = decoder_loss(vlm, draws, rows_for(draws), exit_weight=exit_weight)
+        curriculum.update(draws, per_answer)
+        sampler.kind_weights = curriculum.weights()
+        for opt, _ in opts:
+            opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
+        for opt, _ in opts:
+            opt.step()
+        history["loss"].append(float(loss.detach()))
+        history["ce"].append(float(ce))
+        history["exit_ce"].append([float(e) for e in exits])
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            window = history["ce"][-log_every:]
+            log(f"[{family}] {name} step {step + 1}/{steps}  answer ce {sum(window) / len(window):.4f}  "
+                f"exit ce {' '.join(f'{float(e):.2f}' for e in exits)}  "
+                f"lr {lr_at(step, steps, groups[0][1], warmup):.2e}  {time.perf_counter() - t0:.0f} s")
+        if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
+            result = evaluate()
+            history["evals"].append({"step": step + 1, **{m: r["accuracy"] for m, r in result.items()}})
+            log(f"[{family}] step {step + 1} eval accuracy " + " ".join(f"{m} {r['accuracy']:.3f}" for m, r in result.items()))
+        step += 1
+    return steps
 
 
 def adamw(params, lr: float, weight_decay: float):
@@ -628,7 +690,7 @@ def train(family: str, *, steps: int, vision_steps: int | None = None, seed: int
           weight_decay: float = 0.01, pool_scenes: int = 4000, exit_weight: float = 0.5, log_every: int = 50,
           eval_scenes: int = 100, eval_every: int = 0, eval_seed: int = 0, vision: dict | None = None,
           modality_weights: dict | None = None, threads: int | None = None, workers: int = 1,
-          time_budget: float | None = None, log=print) -> dict:
+          time_budget: float | None = None, joint_steps: int = 0, joint_vision_lr: float = 2e-4, log=print) -> dict:
     """Train a trained-tiny model of `family` in two phases; returns the loss history and evaluation
     (and saves the model to `out` when given). Deterministic on CPU for a given seed.
 
@@ -636,6 +698,8 @@ def train(family: str, *, steps: int, vision_steps: int | None = None, seed: int
     2. `steps` of the decoder (cross-entropy on the answer and EOS, plus the early-exit loss) on the
        visual rows the fixed vision side gives each pool scene, computed once; question kinds are drawn
        by their running loss (`KindCurriculum`), so the logged answer CE is over that mix.
+    3. `joint_steps` (default 0) of the same loss with the vision side trained too, at `joint_vision_lr`
+       (the decoder at `JOINT_DECODER_LR` of `lr`), its rows computed live from the pool's pixels.
 
     Why two phases: trained jointly from scratch, the decoder learns the answer prior first and takes
     thousands of steps to start reading a vision side that is still moving (3500 GPU steps, shipped
@@ -643,7 +707,8 @@ def train(family: str, *, steps: int, vision_steps: int | None = None, seed: int
     attribute of held-out scenes at 97–100 %) the same decoder reached 72 % in 800 CPU steps. Fixed rows
     also make a decoder step cheaper (no vision forward or backward). `time_budget` (seconds of phase
     2): after `BUDGET_PROBE_STEPS` steps their count is lowered, once, to what fits at the measured
-    speed; the count trained is recorded, and `steps=<that count>` reruns the same schedule."""
+    speed; the count trained is recorded, and `steps=<that count>` reruns the same schedule. Phase 3
+    has the same budget of its own."""
     import numpy as np
     import torch
 
@@ -675,48 +740,32 @@ def train(family: str, *, steps: int, vision_steps: int | None = None, seed: int
     factor = rescale_rows(vlm, rows)
     log(f"[{family}] visual rows rescaled by {factor:.3g} to RMS {ROW_RMS}")
     decoder = [(n, p) for n, p in vlm.hf.named_parameters() if p.requires_grad]
-    opt = adamw(decoder, lr, weight_decay)
-    warmup = 100 if time_budget else min(100, max(1, steps // 10))
     t1 = time.perf_counter()
-    step = 0
-    while step < steps:
-        if time_budget and step == BUDGET_PROBE_STEPS:
-            fits = int(time_budget / ((time.perf_counter() - t1) / step))
-            if fits < steps:
-                log(f"[{family}] {steps} decoder steps do not fit in {time_budget:.0f} s: training {fits}")
-                steps = max(fits, step + 1)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, lr, warmup)
-        draws = sampler.draw(batch_size)
-        ce, exits, loss, per_answer = decoder_loss(vlm, draws, [rows[d.modality][d.index] for d in draws],
-                                                   exit_weight=exit_weight)
-        curriculum.update(draws, per_answer)
-        sampler.kind_weights = curriculum.weights()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for _, p in decoder], 1.0)
-        opt.step()
-        history["loss"].append(float(loss.detach()))
-        history["ce"].append(float(ce))
-        history["exit_ce"].append([float(e) for e in exits])
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            window = history["ce"][-log_every:]
-            log(f"[{family}] decoder step {step + 1}/{steps}  answer ce {sum(window) / len(window):.4f}  "
-                f"exit ce {' '.join(f'{float(e):.2f}' for e in exits)}  lr {lr_at(step, steps, lr, warmup):.2e}  "
-                f"{time.perf_counter() - t1:.0f} s")
-        if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
-            result = evaluate_family(vlm, family, scenes_n=eval_scenes, seed=eval_seed)
-            history["evals"].append({"step": step + 1, **{m: r["accuracy"] for m, r in result.items()}})
-            log(f"[{family}] step {step + 1} eval accuracy " + " ".join(f"{m} {r['accuracy']:.3f}" for m, r in result.items()))
-        step += 1
+    phase = dict(sampler=sampler, curriculum=curriculum, batch_size=batch_size, exit_weight=exit_weight,
+                 weight_decay=weight_decay, time_budget=time_budget, log_every=log_every, log=log, family=family)
+    steps = decoder_phase(vlm, "decoder", lambda draws: [rows[d.modality][d.index] for d in draws],
+                          [(decoder, lr)], steps=steps, history=history, eval_every=eval_every,
+                          evaluate=lambda: evaluate_family(vlm, family, scenes_n=eval_scenes, seed=eval_seed), **phase)
+    decoder_s = time.perf_counter() - t1
+    if joint_steps:
+        del rows
+        for p in vlm.hf.parameters():
+            p.requires_grad_(True)
+        vision_params = [(n, p) for n, p in vlm.hf.named_parameters() if n.startswith(vision_names)]
+        history["joint"] = {"ce": [], "exit_ce": [], "loss": [], "evals": []}
+        joint_steps = decoder_phase(vlm, "joint", lambda draws: live_rows(vlm, pool, draws),
+                                    [(decoder, lr * JOINT_DECODER_LR), (vision_params, joint_vision_lr)], steps=joint_steps,
+                                    history=history["joint"], eval_every=0, evaluate=None, **phase)
     for p in vlm.hf.parameters():
         p.requires_grad_(True)
     vlm.hf.eval()
-    result = {"family": family, "steps": steps, "vision_steps": vision_steps, "seed": seed, "device": device,
-              "batch_size": batch_size, "lr": lr, "vision_lr": vision_lr, "pool_scenes": pool_scenes,
-              "exit_weight": exit_weight, "vision": vision or {}, "modality_weights": weights,
-              "time_budget": time_budget, "row_scale": factor, "kind_loss": curriculum.loss, "vision_seconds": vision_s, "decoder_seconds": time.perf_counter() - t1,
-              "train_seconds": time.perf_counter() - t0, **history}
+    result = {"family": family, "steps": steps, "vision_steps": vision_steps, "joint_steps": joint_steps,
+              "seed": seed, "device": device, "batch_size": batch_size, "lr": lr, "vision_lr": vision_lr,
+              "joint_vision_lr": joint_vision_lr, "pool_scenes": pool_scenes, "exit_weight": exit_weight,
+              "vision": vision or {}, "modality_weights": weights, "time_budget": time_budget, "row_scale": factor,
+              "kind_loss": curriculum.loss, "vision_seconds": vision_s, "decoder_seconds": decoder_s,
+              "joint_seconds": time.perf_counter() - t1 - decoder_s, "train_seconds": time.perf_counter() - t0,
+              **history}
     if eval_scenes:
         result["eval"] = evaluate_family(vlm, family, scenes_n=eval_scenes, seed=eval_seed)
         result["eval_seed"] = eval_seed
