@@ -31,7 +31,7 @@ def test_sigkill_at_any_point_leaves_nothing_or_a_complete_checkpoint(tmp_path):
     full = time.perf_counter() - start
     assert proc.returncode == 0, proc.stderr
     outcomes = []
-    for fraction in (0.15, 0.35, 0.55, 0.7, 0.8, 0.88, 0.94, 0.98):
+    for fraction in (0.3, 0.7, 0.88, 0.97):    # the late points land in the write
         out = tmp_path / "out"
         child = subprocess.Popen([sys.executable, "-m", "vlopt.cli", "-q", "apply", str(recipe), "--force"],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

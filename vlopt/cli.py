@@ -115,7 +115,8 @@ def bench(model: str = typer.Option("eventgpt", help="eventgpt | videollava | a 
     from vlopt.manager import load_optimized
     from vlopt.bench_batch import batch_table, parse_batch_sizes
     from vlopt.errors import VloptError
-    from vlopt.models import load_model
+    from vlopt.models import get_workload, load_model
+    from vlopt.plugins import get_registry
 
     sizes = parse_batch_sizes(batch) if batch is not None else None
     rank = _init_distributed()
@@ -132,6 +133,9 @@ def bench(model: str = typer.Option("eventgpt", help="eventgpt | videollava | a 
         runs = [(r.model, r.workload) for r in seeds]
     else:
         seeds, runs = None, [(model, workload)]
+    for name, run_workload in runs:              # a bad --workload is refused before any model is built
+        if run_workload is not None and not (Path(name).exists() or "/" in name):
+            get_workload(run_workload, model=name if name in get_registry().models else None)
     results, conditions = [], None
     for name, run_workload in runs:
         is_path = not compare and (Path(name).exists() or "/" in name)
