@@ -13,7 +13,7 @@ towers, layer −2 features, 8 frames), and an 8-layer LLaMA decoder. Both use t
 
 Training data goes through the families' own stage 1–2 code: each training scene is rendered
 (`vlopt.scenes.render`) and passed to `vlm.preprocess`, once, into a pool of pixel tensors; a step
-samples (scene, question) pairs from the pool — question kinds uniform, as the evaluation asks them —
+samples (scene, question) pairs from the pool — question kinds by their running loss (`KindCurriculum`) —
 and runs stage 3 batched from the model's own submodules (`batch_features`, tested equal to
 `vlm.features`). The loss is cross-entropy on the answer tokens and EOS, plus a LayerSkip-style early-exit
 loss: the shared final norm and lm_head read every intermediate layer, weighted rising with depth, so
