@@ -414,6 +414,8 @@ def train(family: str = typer.Argument(..., help="eventgpt | videollava"),
                                                       "if --steps would take longer (the count trained is recorded)."),
           joint_steps: int = typer.Option(0, min=0, help="Steps of phase 3: decoder and vision side together."),
           joint_vision_lr: float = typer.Option(2e-4, min=0.0, help="Vision-side learning rate in phase 3."),
+          init: Optional[Path] = typer.Option(None, "--init", help="Start from this trained model's folder "
+                                              "(e.g. vlopt/weights/videollava-tiny) instead of fresh weights."),
           patch_size: Optional[int] = typer.Option(None, min=2, help="CLIP patch size (even, divides 56; default 14)."),
           vision_layers: Optional[int] = typer.Option(None, min=1, help="CLIP layers (default 3)."),
           image_weight: Optional[float] = typer.Option(None, min=0.0, help="Video-LLaVA: image samples per video "
@@ -433,6 +435,10 @@ def train(family: str = typer.Argument(..., help="eventgpt | videollava"),
         raise VloptError("--image-weight is for videollava (the only family trained on two inputs)")
     if patch_size is not None and (56 % patch_size or patch_size % 2):
         raise VloptError(f"--patch-size must be even and divide the 56 px scenes (2, 4, 8, 14, 28), not {patch_size}")
+    if init is not None and (patch_size is not None or vision_layers is not None):
+        raise VloptError("--patch-size and --vision-layers shape a fresh model; leave them out with --init")
+    if init is not None and not (init / "config.json").is_file():
+        raise VloptError(f"--init {init}: no trained model there (no config.json); give a folder vlopt train wrote")
     if out is not None:
         from vlopt.checkpoint import check_creatable
 
@@ -444,7 +450,8 @@ def train(family: str = typer.Argument(..., help="eventgpt | videollava"),
                    pool_scenes=pool_scenes, batch_size=batch_size, lr=lr, vision_lr=vision_lr,
                    exit_weight=exit_weight, eval_scenes=eval_scenes, eval_every=eval_every, eval_seed=eval_seed,
                    threads=threads, workers=workers, time_budget=time_budget, vision=vision or None,
-                   modality_weights=weights, joint_steps=joint_steps, joint_vision_lr=joint_vision_lr, log=say)
+                   modality_weights=weights, joint_steps=joint_steps, joint_vision_lr=joint_vision_lr,
+                   init=init, log=say)
 
 
 @app.command()

@@ -98,6 +98,20 @@ def build_model(family: str, *, seed: int = 0, device: str = "cpu", vision: dict
     return vlm
 
 
+def trained_start(folder: str | Path, family: str, device: str):
+    """A trained model of `family` from `folder` (as `vlopt.load_model(path=...)` reads it), in float32, to
+    train further."""
+    from vlopt.errors import VloptError
+    from vlopt.models import load_model
+
+    vlm = load_model(path=str(folder), dtype="float32", device=device)
+    if vlm.name != family:
+        raise VloptError(f"--init {folder} holds a {vlm.name} model, not {family}")
+    for p in vlm.hf.parameters():
+        p.requires_grad_(True)
+    return vlm
+
+
 def save_model(vlm, out: str | Path) -> Path:
     """A folder `vlopt.load_model(path=out)` reads: safetensors weights, config, tokenizer."""
     out = Path(out)
@@ -690,7 +704,8 @@ def train(family: str, *, steps: int, vision_steps: int | None = None, seed: int
           weight_decay: float = 0.01, pool_scenes: int = 4000, exit_weight: float = 0.5, log_every: int = 50,
           eval_scenes: int = 100, eval_every: int = 0, eval_seed: int = 0, vision: dict | None = None,
           modality_weights: dict | None = None, threads: int | None = None, workers: int = 1,
-          time_budget: float | None = None, joint_steps: int = 0, joint_vision_lr: float = 2e-4, log=print) -> dict:
+          time_budget: float | None = None, joint_steps: int = 0, joint_vision_lr: float = 2e-4,
+          init: str | Path | None = None, log=print) -> dict:
     """Train a trained-tiny model of `family` in two phases; returns the loss history and evaluation
     (and saves the model to `out` when given). Deterministic on CPU for a given seed.
 
@@ -708,7 +723,10 @@ def train(family: str, *, steps: int, vision_steps: int | None = None, seed: int
     also make a decoder step cheaper (no vision forward or backward). `time_budget` (seconds of phase
     2): after `BUDGET_PROBE_STEPS` steps their count is lowered, once, to what fits at the measured
     speed; the count trained is recorded, and `steps=<that count>` reruns the same schedule. Phase 3
-    has the same budget of its own."""
+    has the same budget of its own.
+
+    `init`: a trained model's folder to start from instead of fresh weights (its rows keep their scale),
+    e.g. to train a shipped model's decoder further with `vision_steps=0`."""
     import numpy as np
     import torch
 
@@ -717,7 +735,7 @@ def train(family: str, *, steps: int, vision_steps: int | None = None, seed: int
     vision_steps = steps if vision_steps is None else vision_steps
     started = time.perf_counter()
     scene_set = scenes.scenes(seed, pool_scenes, "train")
-    vlm = build_model(family, seed=seed, device=device, vision=vision)
+    vlm = build_model(family, seed=seed, device=device, vision=vision) if init is None else trained_start(init, family, device)
     pool = build_pool(vlm, family, scene_set, workers=workers)
     log(f"[{family}] {sum(p.numel() for p in vlm.hf.parameters()) / 1e6:.2f} M params, pool of {pool_scenes} "
         f"scenes rendered in {time.perf_counter() - started:.1f} s")
@@ -737,8 +755,11 @@ def train(family: str, *, steps: int, vision_steps: int | None = None, seed: int
     for name, p in vlm.hf.named_parameters():
         p.requires_grad_(not name.startswith(vision_names))
     rows = visual_rows(vlm, pool)
-    factor = rescale_rows(vlm, rows)
-    log(f"[{family}] visual rows rescaled by {factor:.3g} to RMS {ROW_RMS}")
+    if init is None:
+        factor = rescale_rows(vlm, rows)
+        log(f"[{family}] visual rows rescaled by {factor:.3g} to RMS {ROW_RMS}")
+    else:
+        factor = 1.0        # a trained decoder already reads these rows at their scale
     decoder = [(n, p) for n, p in vlm.hf.named_parameters() if p.requires_grad]
     t1 = time.perf_counter()
     phase = dict(sampler=sampler, curriculum=curriculum, batch_size=batch_size, exit_weight=exit_weight,
@@ -763,8 +784,8 @@ def train(family: str, *, steps: int, vision_steps: int | None = None, seed: int
               "seed": seed, "device": device, "batch_size": batch_size, "lr": lr, "vision_lr": vision_lr,
               "joint_vision_lr": joint_vision_lr, "pool_scenes": pool_scenes, "exit_weight": exit_weight,
               "vision": vision or {}, "modality_weights": weights, "time_budget": time_budget, "row_scale": factor,
-              "kind_loss": curriculum.loss, "vision_seconds": vision_s, "decoder_seconds": decoder_s,
-              "joint_seconds": time.perf_counter() - t1 - decoder_s, "train_seconds": time.perf_counter() - t0,
+              "init": str(init) if init is not None else None, "kind_loss": curriculum.loss,
+              "vision_seconds": vision_s, "decoder_seconds": decoder_s, "joint_seconds": time.perf_counter() - t1 - decoder_s, "train_seconds": time.perf_counter() - t0,
               **history}
     if eval_scenes:
         result["eval"] = evaluate_family(vlm, family, scenes_n=eval_scenes, seed=eval_seed)
