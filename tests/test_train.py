@@ -73,6 +73,17 @@ def test_the_joint_phase_trains_the_vision_side_too_and_is_deterministic():
                            after["model.language_model.layers.0.mlp.up_proj.weight"])
 
 
+def test_training_from_a_trained_folder_keeps_its_vision_side_and_its_rows_scale(tmp_path):
+    kwargs = dict(seed=1, batch_size=2, pool_scenes=2, eval_scenes=0, threads=1, log=lambda *_: None)
+    first = T.train("eventgpt", steps=2, vision_steps=2, out=tmp_path / "first", **kwargs)
+    again = T.train("eventgpt", steps=2, vision_steps=0, init=tmp_path / "first", **kwargs)
+    assert again["row_scale"] == 1.0 and again["init"] == str(tmp_path / "first")
+    before, after = first["model"].hf.state_dict(), again["model"].hf.state_dict()
+    vision = [k for k in before if k.startswith(tuple(first["model"].vision_modules))]
+    assert vision and all(torch.equal(before[k], after[k]) for k in vision)
+    assert not torch.equal(before["model.layers.0.mlp.up_proj.weight"], after["model.layers.0.mlp.up_proj.weight"])
+
+
 def test_a_saved_model_loads_back_with_equal_logits(fresh, tmp_path):
     from vlopt.models import get_workload, load_model
 
@@ -141,8 +152,12 @@ def test_train_refuses_options_of_the_other_family_in_one_line():
     import sys
     from pathlib import Path
 
+    shipped = str(Path(T.__file__).parent / "weights" / "videollava-tiny")
     for args, message in ((["eventgpt", "--image-weight", "1"], "--image-weight is for videollava"),
-                          (["eventgpt", "--patch-size", "6"], "--patch-size must be even and divide")):
+                          (["eventgpt", "--patch-size", "6"], "--patch-size must be even and divide"),
+                          (["eventgpt", "--init", shipped, "--steps", "1", "--eval-scenes", "1", "--pool-scenes", "1"],
+                           "holds a videollava model, not eventgpt"),
+                          (["eventgpt", "--init", str(Path(T.__file__).parent)], "no trained model there")):
         proc = subprocess.run([sys.executable, "-m", "vlopt.train", *args], capture_output=True, text=True,
                               cwd=Path(__file__).parents[1], timeout=120)
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
