@@ -735,7 +735,10 @@ def train(family: str, *, steps: int, vision_steps: int | None = None, seed: int
     vision_steps = steps if vision_steps is None else vision_steps
     started = time.perf_counter()
     scene_set = scenes.scenes(seed, pool_scenes, "train")
-    vlm = build_model(family, seed=seed, device=device, vision=vision) if init is None else trained_start(init, family, device)
+    if init is None:
+        vlm = build_model(family, seed=seed, device=device, vision=vision)
+    else:
+        vlm = trained_start(init, family, device)
     pool = build_pool(vlm, family, scene_set, workers=workers)
     log(f"[{family}] {sum(p.numel() for p in vlm.hf.parameters()) / 1e6:.2f} M params, pool of {pool_scenes} "
         f"scenes rendered in {time.perf_counter() - started:.1f} s")
@@ -774,9 +777,9 @@ def train(family: str, *, steps: int, vision_steps: int | None = None, seed: int
             p.requires_grad_(True)
         vision_params = [(n, p) for n, p in vlm.hf.named_parameters() if n.startswith(vision_names)]
         history["joint"] = {"ce": [], "exit_ce": [], "loss": [], "evals": []}
-        joint_steps = decoder_phase(vlm, "joint", lambda draws: live_rows(vlm, pool, draws),
-                                    [(decoder, lr * JOINT_DECODER_LR), (vision_params, joint_vision_lr)], steps=joint_steps,
-                                    history=history["joint"], eval_every=0, evaluate=None, **phase)
+        groups = [(decoder, lr * JOINT_DECODER_LR), (vision_params, joint_vision_lr)]
+        joint_steps = decoder_phase(vlm, "joint", lambda draws: live_rows(vlm, pool, draws), groups,
+                                    steps=joint_steps, history=history["joint"], eval_every=0, evaluate=None, **phase)
     for p in vlm.hf.parameters():
         p.requires_grad_(True)
     vlm.hf.eval()
@@ -785,7 +788,8 @@ def train(family: str, *, steps: int, vision_steps: int | None = None, seed: int
               "joint_vision_lr": joint_vision_lr, "pool_scenes": pool_scenes, "exit_weight": exit_weight,
               "vision": vision or {}, "modality_weights": weights, "time_budget": time_budget, "row_scale": factor,
               "init": str(init) if init is not None else None, "kind_loss": curriculum.loss,
-              "vision_seconds": vision_s, "decoder_seconds": decoder_s, "joint_seconds": time.perf_counter() - t1 - decoder_s, "train_seconds": time.perf_counter() - t0,
+              "vision_seconds": vision_s, "decoder_seconds": decoder_s,
+              "joint_seconds": time.perf_counter() - t1 - decoder_s, "train_seconds": time.perf_counter() - t0,
               **history}
     if eval_scenes:
         result["eval"] = evaluate_family(vlm, family, scenes_n=eval_scenes, seed=eval_seed)
