@@ -8,7 +8,7 @@ file's own record is wrong). Each markdown file in RESULTS_DIR may hold blocks
     <!-- generated: KIND MODEL -->  …  <!-- end generated -->
 
 which are replaced by the table of every run of that kind and model, in index order (KIND: suite,
-passes or compare; MODEL may be `all`). Everything outside the blocks is written by hand.
+passes, compare, batch or compile; MODEL may be `all`). Everything outside the blocks is written by hand.
 `summary.json` takes each suite recipe from the first (newest) run that has it.
 """
 
@@ -37,7 +37,12 @@ class Run:
         self.file, self.kind = entry["file"], entry["kind"]
         self.command, self.note = entry["command"], entry.get("note", "")
         self.only = entry.get("only")
-        self.data = json.loads((folder / "raw" / self.file).read_text())
+        text = (folder / "raw" / self.file).read_text()
+        if self.file.endswith(".jsonl"):     # first_answer.py's rows, one process each
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+            self.data = {"model": rows[0]["model"], "rows": rows}
+        else:
+            self.data = json.loads(text)
         self.commit = entry.get("commit")
 
     @property
@@ -132,6 +137,26 @@ def compare_table(run: Run) -> list[str]:
     return [*lines, ""]
 
 
+def compile_table(run: Run) -> list[str]:
+    """compile_times.sh's rows: per recipe, the process that compiled on an empty Inductor cache and the
+    one after it on the same cache."""
+    by_cache: dict[str, list[dict]] = {}
+    for row in run.data["rows"]:
+        by_cache.setdefault(row["cache_dir"], []).append(row)
+    lines = run.header(run.data["rows"][0]["machine"]) + [
+        "| recipe | process | launch → first answer s | model load s | compile s | other first-call s | steady stage 4 ms | steady decode tok/s |",
+        "|---|---|---|---|---|---|---|---|"]
+    for rows in by_cache.values():
+        recipe = " + ".join(", ".join([p["type"], *(f"{k}={v}" for k, v in p.items() if k != "type")])
+                            for p in rows[0]["passes"])
+        for process, r in zip(("first (cold cache)", "second (same cache)"), rows):
+            compile_s = r["first_engine_info"].get("compile_s") or 0.0
+            lines.append(f"| {recipe} | {process} | {r['launch_to_first_answer_s']:.1f} | {r['load_s']:.1f} | "
+                         f"{compile_s:.1f} | {r['first_answer_s'] - compile_s:.1f} | {r['steady_stage4_ms']:.1f} | "
+                         f"{r['steady_tokens_per_s']:.1f} |")
+    return lines + [""]
+
+
 def batch_table(runs: list[Run]) -> list[str]:
     """Every batch.py run of one model merged into one table: per engine and batch size, aggregate
     decode tok/s and its ratios to batch 1 and to each HF engine at the same batch (the run each
@@ -175,7 +200,7 @@ def main(folder: Path) -> None:
                     summary.append(e)
                     taken.add((e["workload"], e["recipe"]))
         else:
-            lines = passes_table(run) if run.kind == "passes" else compare_table(run)
+            lines = {"passes": passes_table, "compare": compare_table, "compile": compile_table}[run.kind](run)
         for key in {(run.kind, run.model), (run.kind, "all")}:
             tables.setdefault(key, []).extend(lines)
     for model, model_runs in batches.items():
