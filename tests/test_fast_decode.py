@@ -71,7 +71,7 @@ def test_a_weight_pass_after_fast_decode_rebuilds_the_step(eventgpt):
     assert ref.argmax(-1).tolist() == tokens
 
 
-def test_fused_projections_give_the_same_logits_and_fall_back_on_quantized_weights(eventgpt):
+def test_fused_projections_give_the_same_logits_on_plain_and_on_int8_weights(eventgpt):
     inp = _inp(eventgpt)
     base = eventgpt.stage4(inp, new_tokens=8).tokens
     ref = teacher_forced_logits(eventgpt, inp, base)
@@ -81,10 +81,28 @@ def test_fused_projections_give_the_same_logits_and_fall_back_on_quantized_weigh
     assert fused is not None and fused[0][0].shape[0] == 3 * 64 and fused[0][1].shape[0] == 2 * 128
     assert _rel(eventgpt.decoding.score(inp, base), ref) < 1e-5
     assert teacher_forced_logits(eventgpt, inp, result.tokens).argmax(-1).tolist() == result.tokens
-    get_registry().apply(eventgpt, {"type": "int8"})       # quantized weights: the engine rebuilds, unfused
+    get_registry().apply(eventgpt, {"type": "int8"})       # new weights: the engine rebuilds and fuses the int8 ones
     tokens = eventgpt.stage4(inp, new_tokens=8).tokens
-    assert eventgpt.decoding.engine.fused is None
+    fused = eventgpt.decoding.engine.fused
+    assert fused is not None and type(fused[0][0]).__name__ == "Int8Tensor" and fused[0][0].shape[0] == 3 * 64
+    q = eventgpt.text_model.layers[0].self_attn.q_proj.weight       # a view into the stacked int8 rows
+    assert q.qdata.untyped_storage().data_ptr() == fused[0][0].qdata.untyped_storage().data_ptr()
     assert _rel(eventgpt.decoding.score(inp, tokens), teacher_forced_logits(eventgpt, inp, tokens)) < 1e-4
+
+
+def test_fused_int8_projections_give_the_unfused_answers_on_the_trained_model():
+    from vlopt import scenes
+    from vlopt.models import load_model
+
+    answers = {}
+    for fuse in (False, True):
+        vlm = load_model("eventgpt", preset="tiny", device="cpu", dtype="float32")
+        for cfg in ({"type": "int8"}, {"type": "fast_decode", "compile": False, "fuse_projections": fuse}):
+            get_registry().apply(vlm, cfg)
+        result = scenes.evaluate(vlm, scenes.scenes(2, 12, "eval"), workload="eventgpt")
+        assert (vlm.decoding.engine.fused is not None) == fuse
+        answers[fuse] = [r["answer"] for r in result["answers"]]
+    assert answers[True] == answers[False]
 
 
 def test_fused_weights_are_views_and_save_as_ordinary_tensors(tmp_path):

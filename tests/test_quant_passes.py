@@ -66,6 +66,24 @@ def test_int8_torchao_checkpoint_holds_quantized_weights(tmp_path):
     torch.testing.assert_close(_logits(loaded), _logits(fresh), rtol=0, atol=0)
 
 
+def test_int8_weights_fused_by_fast_decode_save_as_separate_quantized_tensors(tmp_path):
+    result = run_recipe({"model": {"name": "videollava", "dtype": "float32", "device": "cpu"},
+                         "benchmark": {"samples": 1, "warmup": 0, "new_tokens": 4},
+                         "passes": [{"type": "fast_decode", "compile": False}, {"type": "int8"}]}, tmp_path, output=True)
+    assert result.exit_code == 0, result.failures
+    from safetensors import safe_open
+    with safe_open(str(result.output / "model.safetensors"), "pt") as f:     # each module's own rows, int8
+        for name in ("q_proj", "k_proj", "v_proj"):
+            qdata = f.get_slice(f"language_model.model.layers.0.self_attn.{name}._weight_qdata")
+            assert qdata.get_dtype() == "I8" and qdata.get_shape() == [160, 160]
+    loaded = vlopt.load(result.output, device="cpu")       # fast_decode is re-applied and fuses them again
+    assert type(loaded.text_model.layers[0].self_attn.q_proj.weight).__name__ == "Int8Tensor"
+    from vlopt.models import load_model
+    fresh = load_model("videollava", dtype="float32", device="cpu")
+    _apply(fresh, {"type": "int8"})
+    torch.testing.assert_close(_logits(loaded), _logits(fresh), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("cfg", [{"type": "int4", "group_size": 32},
                                  {"type": "int4", "group_size": 32, "kernel": "triton"},
                                  {"type": "llm_int8"}])

@@ -22,8 +22,8 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from vlopt.stage4 import (PREFIX_REUSE, DensePrefill, Fusable, Stage4Result, Stopwatch, answer_tokens,
-                          apply_rope, sync)
+from vlopt.stage4 import (PREFIX_REUSE, ROW_STACKERS, DensePrefill, Fusable, Stage4Result, Stopwatch,
+                          answer_tokens, apply_rope, sync)
 
 _NO_DEQUANTIZE: set[type] = set()   # tensor types whose dequantize() is not implemented
 DENSE_ROWS = 16                     # from this many rows on, a product runs on dense weights
@@ -52,31 +52,37 @@ def fuse_projections(vlm) -> list | None:
     """Per layer, [q;k;v] and [gate;up] in one buffer each, so a decode step reads them in two large
     products instead of five small ones (measured: bench/results/h100/fuse.md). The modules'
     weights become views into those buffers — same values, no extra memory, and the HF forward and
-    checkpoints see the usual per-module tensors. Plain weights without bias are concatenated;
-    modules whose class is `Fusable` (vlopt's int4) stack their own kind; anything else stays
-    unfused (None), e.g. torchao int8."""
+    checkpoints see the usual per-module tensors. Plain weights without bias are concatenated, and
+    so are tensor-subclass weights whose type a weight pass registered as row-stackable (torchao
+    int8); modules whose class is `Fusable` (vlopt's int4) stack their own kind; anything else stays
+    unfused (None)."""
     mods = [(a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj)
             for a, m in ((layer.self_attn, layer.mlp) for layer in vlm.text_model.layers)]
     kind = type(mods[0][0])
     if isinstance(mods[0][0], Fusable) and all(type(x) is kind for group in mods for x in group):
         fused = [(kind.fuse(list(group[:3])), kind.fuse(list(group[3:]))) for group in mods]
         return None if any(f is None for pair in fused for f in pair) else fused
-    if any(type(getattr(x, "weight", None)) is not torch.nn.Parameter or type(x.weight.data) is not torch.Tensor
-           or x.bias is not None for group in mods for x in group):
+
+    def kind_of(module):      # the weight's tensor type (a quantized weight is a Parameter of its subclass)
+        weight = getattr(module, "weight", None)
+        return type(weight.data) if isinstance(weight, torch.nn.Parameter) and getattr(module, "bias", None) is None else None
+
+    weight_kind = kind_of(mods[0][0])
+    stack = torch.cat if weight_kind is torch.Tensor else ROW_STACKERS.get(weight_kind)
+    if stack is None or any(kind_of(x) is not weight_kind for group in mods for x in group):
         return None
-    fused = []
-    for group in mods:
-        buffers = []
-        for part in (group[:3], group[3:]):
-            buffer = torch.cat([x.weight.detach() for x in part])
+    stacked = [[stack([x.weight.detach() for x in part]) for part in (group[:3], group[3:])] for group in mods]
+    if any(buffer is None for pair in stacked for buffer in pair):
+        return None
+    for group, buffers in zip(mods, stacked):
+        for part, buffer in zip((group[:3], group[3:]), buffers):
             start = 0
             for x in part:
                 rows = x.weight.shape[0]
-                x.weight = torch.nn.Parameter(buffer[start:start + rows], requires_grad=x.weight.requires_grad)
+                x.weight = torch.nn.Parameter(buffer[start:start + rows],
+                                              requires_grad=x.weight.requires_grad and weight_kind is torch.Tensor)
                 start += rows
-            buffers.append(buffer)
-        fused.append(tuple(buffers))
-    return fused
+    return [tuple(buffers) for buffers in stacked]
 
 
 def weights_signature(vlm) -> tuple:

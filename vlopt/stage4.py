@@ -9,7 +9,8 @@ change decoding by declaring what they need instead of reaching into each other.
   wrappers passes added, carries the decoding options passes set (stop rule, prefix reuse, head
   shards), and checks compatibility from what each engine offers and each wrapper needs.
 - Module protocols the engine looks for: `DensePrefill` (a dense weight for many-row products) and
-  `Fusable` (a module class that stacks its own kind for fused projections).
+  `Fusable` (a module class that stacks its own kind for fused projections); for weights that are
+  tensor subclasses, `register_row_stacker` (a weight pass says how its tensors stack by rows).
 - `Stopwatch`: the one timing helper (device-synchronized laps) used by every engine and the bench.
 """
 
@@ -284,6 +285,17 @@ class Fusable(Protocol):
 
     @staticmethod
     def fuse(modules: list) -> Any: ...
+
+
+ROW_STACKERS: dict[type, Any] = {}
+
+
+def register_row_stacker(tensor_type: type, stack) -> None:
+    """Declare that weights of `tensor_type` (a weight pass's quantized tensors, kept in ordinary
+    Linear modules) stack along their output rows: `stack(weights)` returns one tensor of that type
+    whose product is theirs side by side and whose row slices are views, or None when these cannot
+    be stacked. fast_decode then fuses q/k/v and gate/up of such weights as it fuses plain ones."""
+    ROW_STACKERS[tensor_type] = stack
 
 
 # ---- shared math ----------------------------------------------------------------------------------

@@ -3,7 +3,8 @@ static KV cache, eager prefill, compiled `decode_one_token`, replayed as a CUDA 
 Runtime only (no weight value changes; with `fuse_projections` the q/k/v and gate/up weights become
 views into one buffer per layer, saved as ordinary separate tensors); composes with int8/int4 weight
 passes applied before or after it, since the step calls the model's own (possibly quantized)
-modules (quantized projections stay unfused). `vlm.decoding.generate_batch` decodes B prompts in one
+modules (int8 weights are fused too, as their pass declares them row-stackable; int4's modules
+stack their own kind). `vlm.decoding.generate_batch` decodes B prompts in one
 pass (left-padded static cache [B, ...], one compiled step / CUDA graph per batch size; see
 `FastDecodeEngine.generate_batch`)."""
 

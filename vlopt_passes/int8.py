@@ -1,6 +1,7 @@
 """`int8`: torchao weight-only int8 for the decoder's Linear layers — the speed path, saved quantized
-in the checkpoint (transformers' torchao serialization). bitsandbytes LLM.int8 is the pass
-`llm_int8`."""
+in the checkpoint (transformers' torchao serialization). Its per-row int8 tensors are declared
+row-stackable (`register_row_stacker`), so fast_decode fuses q/k/v and gate/up of an int8 decoder as
+it does bf16 ones. bitsandbytes LLM.int8 is the pass `llm_int8`."""
 
 from __future__ import annotations
 
@@ -20,11 +21,30 @@ class Config(ModuleSelection):
                                        "threshold": BITSANDBYTES}
 
 
-def apply(vlm, cfg: Config, ctx):
-    from torchao.quantization import Int8WeightOnlyConfig
+def stack_rows(weights: list):
+    """torchao int8 weights (weight-only, one scale and zero point per output row) as one tensor of
+    their rows in order, or None when they are not all of that form with the same input width."""
+    import torch
 
+    first = weights[0]
+    names, attrs = first.__tensor_flatten__()
+    rows = [w.shape[0] for w in weights]
+    for w, n in zip(weights, rows):
+        if (w.__tensor_flatten__() != (names, attrs) or w.dim() != 2 or w.act_quant_kwargs is not None
+                or list(w.block_size) != [1, first.shape[1]]
+                or any(getattr(w, name).shape[0] != n for name in names)):
+            return None
+    inner = {name: torch.cat([getattr(w, name) for w in weights]) for name in names}
+    return type(first).__tensor_unflatten__(inner, attrs, torch.Size((sum(rows), first.shape[1])), None)
+
+
+def apply(vlm, cfg: Config, ctx):
+    from torchao.quantization import Int8Tensor, Int8WeightOnlyConfig
+
+    from vlopt.stage4 import register_row_stacker
     from vlopt_passes._quant import torchao_quantize
 
+    register_row_stacker(Int8Tensor, stack_rows)
     return torchao_quantize(vlm, cfg, Int8WeightOnlyConfig(), serializable=True,
                             notes=["torchao int8 weight-only; vision side and lm_head untouched by default"])
 
