@@ -77,7 +77,9 @@ def test_int8_weights_fused_by_fast_decode_save_as_separate_quantized_tensors(tm
             qdata = f.get_slice(f"language_model.model.layers.0.self_attn.{name}._weight_qdata")
             assert qdata.get_dtype() == "I8" and qdata.get_shape() == [160, 160]
     loaded = vlopt.load(result.output, device="cpu")       # fast_decode is re-applied and fuses them again
-    assert type(loaded.text_model.layers[0].self_attn.q_proj.weight).__name__ == "Int8Tensor"
+    loaded.stage4(loaded.run_stages(None, get_workload(loaded.default_workload), "q"), new_tokens=2)
+    fused = loaded.decoding.engine.fused
+    assert fused is not None and type(fused[0][0]).__name__ == "Int8Tensor"
     from vlopt.models import load_model
     fresh = load_model("videollava", dtype="float32", device="cpu")
     _apply(fresh, {"type": "int8"})

@@ -22,8 +22,8 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from vlopt.stage4 import (PREFIX_REUSE, ROW_STACKERS, DensePrefill, Fusable, Stage4Result, Stopwatch,
-                          answer_tokens, apply_rope, sync)
+from vlopt.stage4 import (PREFIX_REUSE, DensePrefill, Fusable, Stage4Result, Stopwatch, answer_tokens,
+                          apply_rope, row_stacker, sync)
 
 _NO_DEQUANTIZE: set[type] = set()   # tensor types whose dequantize() is not implemented
 DENSE_ROWS = 16                     # from this many rows on, a product runs on dense weights
@@ -68,7 +68,7 @@ def fuse_projections(vlm) -> list | None:
         return type(weight.data) if isinstance(weight, torch.nn.Parameter) and getattr(module, "bias", None) is None else None
 
     weight_kind = kind_of(mods[0][0])
-    stack = torch.cat if weight_kind is torch.Tensor else ROW_STACKERS.get(weight_kind)
+    stack = torch.cat if weight_kind is torch.Tensor else row_stacker(weight_kind) if weight_kind else None
     if stack is None or any(kind_of(x) is not weight_kind for group in mods for x in group):
         return None
     stacked = [[stack([x.weight.detach() for x in part]) for part in (group[:3], group[3:])] for group in mods]

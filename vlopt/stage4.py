@@ -287,15 +287,21 @@ class Fusable(Protocol):
     def fuse(modules: list) -> Any: ...
 
 
-ROW_STACKERS: dict[type, Any] = {}
+ROW_STACKERS: dict[str, Any] = {}
 
 
-def register_row_stacker(tensor_type: type, stack) -> None:
-    """Declare that weights of `tensor_type` (a weight pass's quantized tensors, kept in ordinary
-    Linear modules) stack along their output rows: `stack(weights)` returns one tensor of that type
-    whose product is theirs side by side and whose row slices are views, or None when these cannot
-    be stacked. fast_decode then fuses q/k/v and gate/up of such weights as it fuses plain ones."""
+def register_row_stacker(tensor_type: str, stack) -> None:
+    """Declare that weights of `tensor_type` ("module.QualName" of a weight pass's quantized tensor
+    class, kept in ordinary Linear modules; a name, so declaring it imports nothing) stack along
+    their output rows: `stack(weights)` returns one tensor of that type whose product is theirs side
+    by side and whose row slices are views, or None when these cannot be stacked. fast_decode then
+    fuses q/k/v and gate/up of such weights as it fuses plain ones — also in a model loaded with
+    them, where the pass itself does not run again."""
     ROW_STACKERS[tensor_type] = stack
+
+
+def row_stacker(tensor_type: type):
+    return ROW_STACKERS.get(f"{tensor_type.__module__}.{tensor_type.__qualname__}")
 
 
 # ---- shared math ----------------------------------------------------------------------------------

@@ -39,16 +39,17 @@ def stack_rows(weights: list):
 
 
 def apply(vlm, cfg: Config, ctx):
-    from torchao.quantization import Int8Tensor, Int8WeightOnlyConfig
+    from torchao.quantization import Int8WeightOnlyConfig
 
-    from vlopt.stage4 import register_row_stacker
     from vlopt_passes._quant import torchao_quantize
 
-    register_row_stacker(Int8Tensor, stack_rows)
     return torchao_quantize(vlm, cfg, Int8WeightOnlyConfig(), serializable=True,
                             notes=["torchao int8 weight-only; vision side and lm_head untouched by default"])
 
 
 @hookimpl
 def register_passes(register):
+    from vlopt.stage4 import register_row_stacker
+
     register(Config, apply)
+    register_row_stacker("torchao.quantization.Int8Tensor", stack_rows)
