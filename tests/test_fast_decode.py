@@ -90,6 +90,17 @@ def test_fused_projections_give_the_same_logits_on_plain_and_on_int8_weights(eve
     assert _rel(eventgpt.decoding.score(inp, tokens), teacher_forced_logits(eventgpt, inp, tokens)) < 1e-4
 
 
+@pytest.mark.parametrize("cfg", [{"type": "llm_int8"}, {"type": "nf4", "compute_dtype": "float32"}])
+def test_bitsandbytes_weights_stay_unfused_and_match_the_hf_forward(eventgpt, cfg):
+    # Their Parameter subclasses hold plain-looking data that is not the weight: stacking it would be wrong.
+    for c in (cfg, {"type": "fast_decode", "compile": False}):
+        get_registry().apply(eventgpt, c)
+    inp = _inp(eventgpt)
+    tokens = eventgpt.stage4(inp, new_tokens=6).tokens
+    assert eventgpt.decoding.engine.fused is None
+    assert _rel(eventgpt.decoding.score(inp, tokens), teacher_forced_logits(eventgpt, inp, tokens)) < 1e-4
+
+
 def test_fused_int8_projections_give_the_unfused_answers_on_the_trained_model():
     from vlopt import scenes
     from vlopt.models import load_model

@@ -34,11 +34,14 @@ def linear(module, x: torch.Tensor, dense: bool) -> torch.Tensor:
     first: low-bit GEMV kernels are built for one row and slow at hundreds of rows, while
     dequantizing a layer costs one pass over its weights. A module offering `DensePrefill` gives its
     own dense form (int4's modules, whose packed layouts torchao cannot dequantize); a torchao
-    tensor is dequantized where torchao implements it; anything else keeps its own kernel."""
+    tensor is dequantized where torchao implements it; anything else keeps its own kernel. Only a
+    weight type that defines its own `dequantize` counts: torch's inherited one casts the stored
+    codes (bitsandbytes' int8 / packed 4-bit data) to float without their scales."""
     if dense and isinstance(module, DensePrefill):
         return F.linear(x, module.prefill_weight().to(x.dtype), module.bias)
     kind = type(getattr(module, "weight", None))
-    if dense and kind not in (torch.nn.Parameter, torch.Tensor, type(None)) and kind not in _NO_DEQUANTIZE:
+    if (dense and kind not in (torch.nn.Parameter, torch.Tensor, type(None)) and kind not in _NO_DEQUANTIZE
+            and getattr(kind, "dequantize", None) is not torch.Tensor.dequantize):
         try:
             dense_w = module.weight.dequantize()
         except (NotImplementedError, RuntimeError, AttributeError):
@@ -63,9 +66,15 @@ def fuse_projections(vlm) -> list | None:
         fused = [(kind.fuse(list(group[:3])), kind.fuse(list(group[3:]))) for group in mods]
         return None if any(f is None for pair in fused for f in pair) else fused
 
-    def kind_of(module):      # the weight's tensor type (a quantized weight is a Parameter of its subclass)
+    def kind_of(module):
+        """torch.Tensor for a plain weight, the subclass for a Parameter of a tensor subclass (torchao's
+        quantized weights), else None (a bias, or a Parameter subclass holding plain data: bitsandbytes')."""
         weight = getattr(module, "weight", None)
-        return type(weight.data) if isinstance(weight, torch.nn.Parameter) and getattr(module, "bias", None) is None else None
+        if getattr(module, "bias", None) is not None or not isinstance(weight, torch.nn.Parameter):
+            return None
+        if type(weight) is torch.nn.Parameter:
+            return torch.Tensor if type(weight.data) is torch.Tensor else None
+        return type(weight) if type(weight.data) is type(weight) else None
 
     weight_kind = kind_of(mods[0][0])
     stack = torch.cat if weight_kind is torch.Tensor else row_stacker(weight_kind) if weight_kind else None
