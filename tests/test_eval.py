@@ -107,7 +107,8 @@ def test_bench_with_scenes_prints_and_records_accuracy(trained_eventgpt, tmp_pat
 
 
 # Floors under what is measured on 200 scenes (EventGPT 0.990, `bench/results/cpu/training.md`;
-# Video-LLaVA 0.975–1.000 on video, `bench/results/h200/training.md`) and well over the answer prior (a model that ignores the input: ~0.3):
+# Video-LLaVA 0.975–1.000 on video, `bench/results/h200/training.md`) and well over the answer prior
+# (a model that ignores the input: ~0.3):
 # the shipped weights load, pass their hash check and still know the task.
 @pytest.mark.parametrize("family, workload, floor", [("eventgpt", "eventgpt", 0.9), ("videollava", "videollava", 0.9)])
 def test_the_shipped_trained_models_know_the_task(family, workload, floor):

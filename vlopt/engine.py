@@ -40,8 +40,8 @@ def linear(module, x: torch.Tensor, dense: bool) -> torch.Tensor:
     if dense and isinstance(module, DensePrefill):
         return F.linear(x, module.prefill_weight().to(x.dtype), module.bias)
     kind = type(getattr(module, "weight", None))
-    if (dense and kind not in (torch.nn.Parameter, torch.Tensor, type(None)) and kind not in _NO_DEQUANTIZE
-            and getattr(kind, "dequantize", None) is not torch.Tensor.dequantize):
+    if (dense and kind not in _NO_DEQUANTIZE
+            and getattr(kind, "dequantize", torch.Tensor.dequantize) is not torch.Tensor.dequantize):
         try:
             dense_w = module.weight.dequantize()
         except (NotImplementedError, RuntimeError, AttributeError):
@@ -72,9 +72,8 @@ def fuse_projections(vlm) -> list | None:
         weight = getattr(module, "weight", None)
         if getattr(module, "bias", None) is not None or not isinstance(weight, torch.nn.Parameter):
             return None
-        if type(weight) is torch.nn.Parameter:
-            return torch.Tensor if type(weight.data) is torch.Tensor else None
-        return type(weight) if type(weight.data) is type(weight) else None
+        kind = type(weight.data)
+        return kind if type(weight) in (torch.nn.Parameter, kind) else None
 
     weight_kind = kind_of(mods[0][0])
     stack = torch.cat if weight_kind is torch.Tensor else row_stacker(weight_kind) if weight_kind else None
@@ -88,8 +87,7 @@ def fuse_projections(vlm) -> list | None:
             start = 0
             for x in part:
                 rows = x.weight.shape[0]
-                x.weight = torch.nn.Parameter(buffer[start:start + rows],
-                                              requires_grad=x.weight.requires_grad and weight_kind is torch.Tensor)
+                x.weight = torch.nn.Parameter(buffer[start:start + rows], requires_grad=x.weight.requires_grad)
                 start += rows
     return [tuple(buffers) for buffers in stacked]
 
