@@ -15,6 +15,15 @@ import sys
 import time
 
 
+def compile_phases() -> dict:
+    """Seconds per Dynamo/Inductor phase this process spent (summed over its compiles): where a long
+    first compile goes."""
+    from torch._dynamo.utils import compile_times
+
+    names, values = compile_times(repr="csv", aggregate=True)
+    return {name: round(float(value), 2) for name, value in zip(names, values)}
+
+
 def main() -> None:
     model, passes, launched, out_path = sys.argv[1], json.loads(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
     smoke = "--smoke" in sys.argv
@@ -42,7 +51,7 @@ def main() -> None:
            "first_answer_s": answered - applied, "launch_to_first_answer_s": answered - launched,
            "first_engine_info": first["stage4"]["engine_info"], "first_stage4_ms": first["stage4"]["stage4_ms"],
            "steady_stage4_ms": steady["stage4"]["stage4_ms"], "steady_tokens_per_s": steady["stage4"]["tokens_per_s"],
-           "torch": torch.__version__, "machine": machine_info()}
+           "compile_phases_s": compile_phases(), "torch": torch.__version__, "machine": machine_info()}
     with open(out_path, "a") as fh:
         fh.write(json.dumps(row, default=str) + "\n")
     info = row["first_engine_info"]
@@ -50,6 +59,8 @@ def main() -> None:
           f"(python {row['python_start_s']:.1f}, load {row['load_s']:.1f}, apply {row['apply_s']:.1f}, first answer "
           f"{row['first_answer_s']:.1f}; compile_s {info.get('compile_s')}) · steady {row['steady_stage4_ms']:.1f} ms, "
           f"{row['steady_tokens_per_s']:.1f} tok/s", flush=True)
+    slowest = sorted(row["compile_phases_s"].items(), key=lambda kv: -kv[1])[:8]
+    print("  compile phases (s):", ", ".join(f"{k} {v}" for k, v in slowest), flush=True)
 
 
 if __name__ == "__main__":
