@@ -146,3 +146,16 @@ def test_int4_codes_rebuild_the_tinygemm_dequantized_weight():
     # a weight that is not tile-packed gets nothing attached
     linear = torch.nn.Linear(256, 48)
     assert plain_codes(linear, linear.weight.detach(), 64) is None and not isinstance(linear, DensePrefill)
+
+
+def test_int8_leaves_the_compilers_process_settings_alone():
+    """torchao's configs switch Inductor's coordinate-descent tuning on for the whole process unless
+    told not to; that overrode fast_decode's `tune: false` (measured on the H200: int8 `tune: false`
+    spent 70 s of its first call tuning). int4 sets the same flag on its CUDA config, which the CPU
+    form (IntxWeightOnlyConfig) does not have."""
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch(coordinate_descent_tuning=False, coordinate_descent_check_all_directions=False):
+        run_pass({"type": "int8"}, model="eventgpt", preset="tiny-random")
+        assert inductor_config.coordinate_descent_tuning is False
+        assert inductor_config.coordinate_descent_check_all_directions is False

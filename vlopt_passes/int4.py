@@ -73,7 +73,8 @@ def apply(vlm, cfg: Config, ctx):
         if vlm.dtype != torch.bfloat16:
             raise VloptError("int4 on CUDA needs a bfloat16 decoder; put `{type: dtype, dtype: "
                              f"bfloat16}}` before it (the decoder is {str(vlm.dtype)[6:]})")
-        ao = Int4WeightOnlyConfig(group_size=cfg.group_size, int4_packing_format="tile_packed_to_4d")
+        ao = Int4WeightOnlyConfig(group_size=cfg.group_size, int4_packing_format="tile_packed_to_4d",
+                                  set_inductor_config=False)
         note = f"torchao int4 weight-only, tinygemm tile-packed, group {cfg.group_size}"
         if cfg.dense_prefill is not False:
             originals = [(name, module.weight.detach()) for name, module in _linears(vlm, cfg)[0]]

@@ -43,7 +43,7 @@ def apply(vlm, cfg: Config, ctx):
 
     from vlopt_passes._quant import torchao_quantize
 
-    return torchao_quantize(vlm, cfg, Int8WeightOnlyConfig(), serializable=True,
+    return torchao_quantize(vlm, cfg, Int8WeightOnlyConfig(set_inductor_config=False), serializable=True,
                             notes=["torchao int8 weight-only; vision side and lm_head untouched by default"])
 
 

@@ -28,7 +28,7 @@ class LmHeadInt8(PassConfig):
 def apply(vlm, cfg: LmHeadInt8, ctx) -> PassOutcome:
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
-    quantize_(vlm.hf, Int8WeightOnlyConfig(), filter_fn=lambda module, fqn: fqn == "lm_head")
+    quantize_(vlm.hf, Int8WeightOnlyConfig(set_inductor_config=False), filter_fn=lambda module, fqn: fqn == "lm_head")
     return PassOutcome(touched=["lm_head"], skipped=[],
                        notes=["lm_head int8 weight-only (torchao)"])
 
